@@ -1,0 +1,94 @@
+//! The HTTP API: routes, shared state and the layers every request passes
+//! (request id, tracing span, body limit, JSON errors). Handlers live in
+//! [`keys`] and [`vms`]; they decode, call the service, encode.
+
+mod error;
+mod extract;
+mod keys;
+mod openapi;
+mod vms;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request};
+use axum::routing::{delete, get, post};
+use axum::{middleware, Json, Router};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::sandbox::Sandboxes;
+use crate::store::Store;
+
+pub use error::ApiError;
+
+/// Largest request body; commands and names are small.
+const BODY_LIMIT: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub sandboxes: Arc<Sandboxes>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    Router::new()
+        .route("/health", get(health))
+        .route("/openapi.json", get(openapi::serve))
+        .route("/api-keys", post(keys::create).get(keys::list))
+        .route("/api-keys/{id}", delete(keys::revoke))
+        .route("/vms", post(vms::create).get(vms::list))
+        .route("/vms/{name}", get(vms::get).delete(vms::delete))
+        .route("/vms/{name}/run", post(vms::run))
+        .route(
+            "/vms/{name}/snapshots",
+            get(vms::list_snapshots).post(vms::create_snapshot),
+        )
+        .route(
+            "/vms/{name}/snapshots/{snapshot}",
+            delete(vms::delete_snapshot),
+        )
+        .route("/vms/{name}/restore", post(vms::restore))
+        .fallback(route_not_found)
+        .with_state(state)
+        .layer(middleware::from_fn(error::json_errors))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                let id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                    request_id = %id,
+                    key_id = tracing::field::Empty,
+                )
+            }),
+        )
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    status: &'static str,
+}
+
+/// Liveness; needs no key.
+#[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+async fn route_not_found() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "route_not_found",
+        "no such route",
+    )
+}

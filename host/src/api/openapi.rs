@@ -1,0 +1,37 @@
+//! The OpenAPI document, generated from the handlers' annotations.
+
+use axum::Json;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::{error, keys, vms};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "OpenSandbox", description = "Isolated sandboxes with instant Btrfs snapshots"),
+    paths(
+        super::health,
+        keys::create, keys::list, keys::revoke,
+        vms::create, vms::list, vms::get, vms::delete, vms::run,
+        vms::list_snapshots, vms::create_snapshot, vms::delete_snapshot, vms::restore,
+    ),
+    components(schemas(error::ErrorBody, error::ErrorDetail)),
+    modifiers(&ApiKeyHeader)
+)]
+pub struct ApiDoc;
+
+struct ApiKeyHeader;
+
+impl Modify for ApiKeyHeader {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
+        );
+    }
+}
+
+pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

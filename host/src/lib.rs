@@ -1,0 +1,20 @@
+//! The OpenSandbox host as a library: each module is one part of the host
+//! with a narrow interface. The `opensandbox` binary (main.rs) wires them.
+//!
+//! - [`config`]: command line and environment variables
+//! - [`api`]: HTTP routes, extractors and the error mapping
+//! - [`auth`]: API key generation and verification
+//! - [`store`]: SQLite persistence of keys, sandboxes and snapshots
+//! - [`sandbox`]: sandbox lifecycle, snapshots, restore, fork, recovery
+//! - [`runtimes`]: what runs sandboxes (Docker)
+//! - [`btrfs`]: subvolume and snapshot ioctls
+//! - [`names`]: validation of names that reach paths and commands
+
+pub mod api;
+pub mod auth;
+pub mod btrfs;
+pub mod config;
+pub mod names;
+pub mod runtimes;
+pub mod sandbox;
+pub mod store;

@@ -1,0 +1,104 @@
+//! Runtimes: what runs a sandbox. A runtime creates an instance whose root
+//! filesystem is a Btrfs subvolume it names, starts and stops it, runs
+//! commands in it and lists what it manages. Everything above (snapshots,
+//! restore, fork, recovery) is done by the sandbox layer the same way for
+//! every runtime, on that subvolume.
+
+pub mod docker;
+mod process_tree;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("image {image:?} is not present on the engine and could not be pulled: {reason}")]
+    ImageUnavailable { image: String, reason: String },
+    #[error("instance {0} does not exist")]
+    NotFound(String),
+    #[error("the sandbox is not running")]
+    NotRunning,
+    #[error("{0}")]
+    Setup(String),
+    #[error("engine error during {op}: {detail}")]
+    Engine { op: &'static str, detail: String },
+}
+
+pub type Result<T> = std::result::Result<T, RuntimeError>;
+
+/// What the sandbox layer asks a runtime to create.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    pub sandbox_id: Uuid,
+    /// The sandbox's name, used as its hostname.
+    pub hostname: String,
+    pub image: String,
+    pub env: BTreeMap<String, String>,
+}
+
+/// A created (not yet started) instance.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: String,
+    /// The writable root filesystem: a Btrfs subvolume, replaced on restore.
+    pub rootfs: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceStatus {
+    Running,
+    Stopped,
+    Missing,
+}
+
+/// An instance this host manages, as the runtime reports it.
+#[derive(Debug, Clone)]
+pub struct ManagedInstance {
+    pub id: String,
+    pub sandbox_id: Option<Uuid>,
+}
+
+/// One command to run in a sandbox.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    /// Run as `/bin/sh -c <command>`.
+    pub command: String,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub timeout: Duration,
+    /// Cap on each of stdout and stderr; the rest is read and dropped.
+    pub output_limit: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ExecOutcome {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// `None` when the command was killed by the timeout.
+    pub exit_code: Option<i64>,
+    pub timed_out: bool,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+#[async_trait]
+pub trait Runtime: Send + Sync {
+    /// The name clients see in a sandbox's `runtime` field.
+    fn name(&self) -> &'static str;
+    /// Fails fast with `ImageUnavailable` when the image cannot be had.
+    async fn ensure_image(&self, image: &str) -> Result<()>;
+    async fn create(&self, spec: &InstanceSpec) -> Result<Instance>;
+    async fn start(&self, id: &str) -> Result<()>;
+    /// Stops at once (no grace period): used before swapping the root filesystem.
+    async fn stop(&self, id: &str) -> Result<()>;
+    /// Removes the instance and its root filesystem; a missing one is not an error.
+    async fn remove(&self, id: &str) -> Result<()>;
+    async fn status(&self, id: &str) -> Result<InstanceStatus>;
+    async fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecOutcome>;
+    /// Every instance this host created, including half-made ones.
+    async fn list_managed(&self) -> Result<Vec<ManagedInstance>>;
+}

@@ -1,0 +1,509 @@
+//! The sandbox service: owns the lifecycle of sandboxes and their snapshots.
+//! It ties the store (what exists), the runtime (what runs) and Btrfs (the
+//! root filesystems and their snapshots) together, serializes lifecycle
+//! operations per sandbox, and records transitional states first so that a
+//! crash can be finished or undone at the next start ([`recovery`]).
+
+mod locks;
+mod paths;
+pub mod recovery;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, instrument, warn};
+use uuid::Uuid;
+
+use crate::btrfs::{self, BtrfsError};
+use crate::names::{self, NameError};
+use crate::runtimes::{ExecOutcome, ExecRequest, InstanceSpec, Runtime, RuntimeError};
+use crate::store::{ForkSource, NewSandbox, Sandbox, SandboxState, Snapshot, Store, StoreError};
+
+use locks::LockTable;
+pub use paths::SnapshotPaths;
+
+/// The snapshot every sandbox gets at creation.
+pub const INITIAL_SNAPSHOT: &str = "initial";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("sandbox {0:?} not found")]
+    VmNotFound(String),
+    #[error("snapshot {0:?} not found")]
+    SnapshotNotFound(String),
+    #[error("a sandbox named {0:?} already exists")]
+    VmExists(String),
+    #[error("a snapshot named {0:?} already exists")]
+    SnapshotExists(String),
+    #[error("sandbox {name:?} is {state}, not running")]
+    NotRunning { name: String, state: &'static str },
+    #[error("runtime {0:?} is not available; this host offers: docker")]
+    RuntimeUnavailable(String),
+    #[error("image {image:?} is not available: {reason}")]
+    ImageUnavailable { image: String, reason: String },
+    #[error("runtime error: {0}")]
+    Runtime(RuntimeError),
+    #[error("snapshot storage error: {0}")]
+    Storage(#[from] BtrfsError),
+    #[error("store error: {0}")]
+    Store(#[from] StoreError),
+    #[error("filesystem error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<RuntimeError> for SandboxError {
+    fn from(err: RuntimeError) -> Self {
+        match err {
+            RuntimeError::ImageUnavailable { image, reason } => {
+                SandboxError::ImageUnavailable { image, reason }
+            }
+            other => SandboxError::Runtime(other),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, SandboxError>;
+
+/// A request to create a sandbox, already decoded from the API.
+#[derive(Debug, Clone, Default)]
+pub struct CreateSandbox {
+    pub name: String,
+    pub image: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub runtime: Option<String>,
+    pub from: Option<ForkSource>,
+}
+
+/// A command to run, already decoded from the API.
+#[derive(Debug, Clone, Default)]
+pub struct RunCommand {
+    pub command: String,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub timeout_ms: Option<u64>,
+}
+
+/// What a finished (or timed-out) command gave.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub outcome: ExecOutcome,
+    pub duration: Duration,
+}
+
+/// Limits on commands, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct RunLimits {
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+    pub output_limit: usize,
+}
+
+pub struct Sandboxes {
+    store: Store,
+    runtime: Arc<dyn Runtime>,
+    paths: SnapshotPaths,
+    locks: LockTable,
+    default_image: String,
+    limits: RunLimits,
+}
+
+impl Sandboxes {
+    pub fn new(
+        store: Store,
+        runtime: Arc<dyn Runtime>,
+        paths: SnapshotPaths,
+        default_image: String,
+        limits: RunLimits,
+    ) -> Self {
+        Self {
+            store,
+            runtime,
+            paths,
+            locks: LockTable::default(),
+            default_image,
+            limits,
+        }
+    }
+
+    pub async fn get(&self, owner: Uuid, name: &str) -> Result<Sandbox> {
+        self.store
+            .get_sandbox(owner, name)
+            .await?
+            .filter(|s| s.state != SandboxState::Deleting)
+            .ok_or_else(|| SandboxError::VmNotFound(name.to_string()))
+    }
+
+    /// The owner's sandboxes carrying every one of `labels`.
+    pub async fn list(&self, owner: Uuid, labels: &[(String, String)]) -> Result<Vec<Sandbox>> {
+        let all = self.store.list_sandboxes(owner).await?;
+        Ok(all
+            .into_iter()
+            .filter(|s| s.state != SandboxState::Deleting)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .collect())
+    }
+
+    #[instrument(skip_all, fields(sandbox = %request.name))]
+    pub async fn create(&self, owner: Uuid, request: CreateSandbox) -> Result<Sandbox> {
+        names::validate_resource_name("sandbox", &request.name)?;
+        names::validate_env(&request.env)?;
+        names::validate_labels(&request.labels)?;
+        if let Some(runtime) = &request.runtime {
+            if runtime != self.runtime.name() {
+                return Err(SandboxError::RuntimeUnavailable(runtime.clone()));
+            }
+        }
+        // A fork keeps its source's image: its files come from that image.
+        let source = match &request.from {
+            Some(from) => Some(self.fork_source(owner, from).await?),
+            None => None,
+        };
+        let image = match (&source, &request.image) {
+            (Some((src, _)), Some(image)) if image != &src.image => {
+                return Err(SandboxError::InvalidRequest(format!(
+                    "a fork uses its source's image {:?}; omit image or pass that one",
+                    src.image
+                )))
+            }
+            (Some((src, _)), _) => src.image.clone(),
+            (None, Some(image)) => image.clone(),
+            (None, None) => self.default_image.clone(),
+        };
+        names::validate_image(&image)?;
+        self.runtime.ensure_image(&image).await?;
+
+        let sandbox = self
+            .store
+            .insert_sandbox(&NewSandbox {
+                owner_key_id: owner,
+                name: request.name.clone(),
+                image: image.clone(),
+                runtime: self.runtime.name().to_string(),
+                env: request.env.clone(),
+                labels: request.labels.clone(),
+                forked_from: request.from.clone(),
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict => SandboxError::VmExists(request.name.clone()),
+                other => other.into(),
+            })?;
+        let _guard = self.locks.lock(sandbox.id).await;
+        let started = Instant::now();
+        match self
+            .build(&sandbox, source.as_ref().map(|(s, n)| (s, n.as_str())))
+            .await
+        {
+            Ok(()) => {
+                info!(id = %sandbox.id, elapsed_ms = started.elapsed().as_millis() as u64, "sandbox created");
+                self.get(owner, &sandbox.name).await
+            }
+            Err(err) => {
+                warn!(id = %sandbox.id, error = %err, "create failed, cleaning up");
+                if let Err(cleanup) = self.destroy(&sandbox).await {
+                    warn!(id = %sandbox.id, error = %cleanup, "cleanup after failed create failed; recovery will retry");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Creates the instance, fills its root from the fork source if any,
+    /// takes the `initial` snapshot and starts it.
+    async fn build(&self, sandbox: &Sandbox, source: Option<(&Sandbox, &str)>) -> Result<()> {
+        let instance = self
+            .runtime
+            .create(&InstanceSpec {
+                sandbox_id: sandbox.id,
+                hostname: sandbox.name.clone(),
+                image: sandbox.image.clone(),
+                env: sandbox.env.clone(),
+            })
+            .await?;
+        self.store
+            .set_instance(sandbox.id, &instance.id, &instance.rootfs)
+            .await?;
+        tokio::fs::create_dir_all(self.paths.snapshots_dir(sandbox.id)).await?;
+        if let Some((src, snapshot)) = source {
+            // Hold the source's lock so its snapshot cannot vanish mid-copy.
+            let _src_guard = self.locks.lock(src.id).await;
+            if self.store.get_snapshot(src.id, snapshot).await?.is_none() {
+                return Err(SandboxError::SnapshotNotFound(snapshot.to_string()));
+            }
+            replace_rootfs(&instance.rootfs, &self.paths.snapshot(src.id, snapshot)).await?;
+        }
+        self.take_snapshot(sandbox.id, &instance.rootfs, INITIAL_SNAPSHOT)
+            .await?;
+        self.runtime.start(&instance.id).await?;
+        self.store
+            .set_state(sandbox.id, SandboxState::Running, None)
+            .await?;
+        Ok(())
+    }
+
+    async fn fork_source(&self, owner: Uuid, from: &ForkSource) -> Result<(Sandbox, String)> {
+        names::validate_resource_name("sandbox", &from.vm)?;
+        names::validate_resource_name("snapshot", &from.snapshot)?;
+        let src = self.get(owner, &from.vm).await?;
+        if self
+            .store
+            .get_snapshot(src.id, &from.snapshot)
+            .await?
+            .is_none()
+        {
+            return Err(SandboxError::SnapshotNotFound(from.snapshot.clone()));
+        }
+        Ok((src, from.snapshot.clone()))
+    }
+
+    #[instrument(skip(self, owner))]
+    pub async fn delete(&self, owner: Uuid, name: &str) -> Result<()> {
+        let (sandbox, _guard) = self.lock(owner, name).await?;
+        self.store
+            .set_state(sandbox.id, SandboxState::Deleting, None)
+            .await?;
+        self.destroy(&sandbox).await?;
+        self.locks.forget(sandbox.id);
+        info!(id = %sandbox.id, "sandbox deleted");
+        Ok(())
+    }
+
+    /// Removes everything a sandbox has: instance, root filesystem, snapshots, row.
+    async fn destroy(&self, sandbox: &Sandbox) -> Result<()> {
+        if let Some(container) = &sandbox.container_id {
+            self.runtime.remove(container).await?;
+        }
+        // The engine removes the root filesystem with the instance; a swap that
+        // crashed half-way may have left one the engine no longer knows.
+        if let Some(rootfs) = &sandbox.rootfs_path {
+            btrfs::delete_subvolume_if_exists_async(rootfs.clone()).await?;
+        }
+        remove_snapshot_dir(&self.paths.sandbox_dir(sandbox.id)).await?;
+        self.store.delete_sandbox(sandbox.id).await?;
+        Ok(())
+    }
+
+    #[instrument(skip(self, owner, request), fields(sandbox = %name))]
+    pub async fn run(&self, owner: Uuid, name: &str, request: RunCommand) -> Result<RunResult> {
+        let exec = self.exec_request(request)?;
+        let sandbox = self.get(owner, name).await?;
+        let container = match (&sandbox.container_id, sandbox.state) {
+            (Some(container), SandboxState::Running) => container.clone(),
+            (_, state) => {
+                return Err(SandboxError::NotRunning {
+                    name: name.to_string(),
+                    state: state.as_str(),
+                })
+            }
+        };
+        let started = Instant::now();
+        let outcome = self
+            .runtime
+            .exec(&container, &exec)
+            .await
+            .map_err(|e| match e {
+                RuntimeError::NotRunning | RuntimeError::NotFound(_) => SandboxError::NotRunning {
+                    name: name.to_string(),
+                    state: "stopped",
+                },
+                other => other.into(),
+            })?;
+        Ok(RunResult {
+            outcome,
+            duration: started.elapsed(),
+        })
+    }
+
+    fn exec_request(&self, request: RunCommand) -> Result<ExecRequest> {
+        if request.command.trim().is_empty() {
+            return Err(SandboxError::InvalidRequest(
+                "command must not be empty".into(),
+            ));
+        }
+        if request.command.contains('\0') {
+            return Err(SandboxError::InvalidRequest(
+                "command must not contain NUL".into(),
+            ));
+        }
+        names::validate_env(&request.env)?;
+        if let Some(cwd) = &request.cwd {
+            if !cwd.starts_with('/') || cwd.contains('\0') || cwd.len() > 4096 {
+                return Err(SandboxError::InvalidRequest(
+                    "cwd must be an absolute path inside the sandbox".into(),
+                ));
+            }
+        }
+        let timeout = match request.timeout_ms {
+            None => self.limits.default_timeout,
+            Some(0) => {
+                return Err(SandboxError::InvalidRequest(
+                    "timeout_ms must be positive".into(),
+                ))
+            }
+            Some(ms) if Duration::from_millis(ms) > self.limits.max_timeout => {
+                return Err(SandboxError::InvalidRequest(format!(
+                    "timeout_ms must not exceed {}",
+                    self.limits.max_timeout.as_millis()
+                )))
+            }
+            Some(ms) => Duration::from_millis(ms),
+        };
+        Ok(ExecRequest {
+            command: request.command,
+            env: request.env,
+            cwd: request.cwd,
+            timeout,
+            output_limit: self.limits.output_limit,
+        })
+    }
+
+    pub async fn list_snapshots(&self, owner: Uuid, vm: &str) -> Result<Vec<Snapshot>> {
+        let sandbox = self.get(owner, vm).await?;
+        Ok(self.store.list_snapshots(sandbox.id).await?)
+    }
+
+    #[instrument(skip(self, owner))]
+    pub async fn create_snapshot(&self, owner: Uuid, vm: &str, snapshot: &str) -> Result<Snapshot> {
+        names::validate_resource_name("snapshot", snapshot)?;
+        let (sandbox, _guard) = self.lock(owner, vm).await?;
+        let rootfs = self.rootfs_of(&sandbox)?;
+        if self
+            .store
+            .get_snapshot(sandbox.id, snapshot)
+            .await?
+            .is_some()
+        {
+            return Err(SandboxError::SnapshotExists(snapshot.to_string()));
+        }
+        self.take_snapshot(sandbox.id, rootfs, snapshot).await
+    }
+
+    /// Read-only Btrfs snapshot of the root filesystem, then its row. A crash
+    /// between the two leaves an unlisted subvolume that recovery removes.
+    async fn take_snapshot(&self, sandbox: Uuid, rootfs: &Path, name: &str) -> Result<Snapshot> {
+        let dest = self.paths.snapshot(sandbox, name);
+        btrfs::snapshot_async(rootfs.to_path_buf(), dest.clone(), true).await?;
+        match self.store.insert_snapshot(sandbox, name).await {
+            Ok(snapshot) => Ok(snapshot),
+            Err(err) => {
+                let _ = btrfs::delete_subvolume_if_exists_async(dest).await;
+                Err(match err {
+                    StoreError::Conflict => SandboxError::SnapshotExists(name.to_string()),
+                    other => other.into(),
+                })
+            }
+        }
+    }
+
+    #[instrument(skip(self, owner))]
+    pub async fn delete_snapshot(&self, owner: Uuid, vm: &str, snapshot: &str) -> Result<()> {
+        names::validate_resource_name("snapshot", snapshot)?;
+        let (sandbox, _guard) = self.lock(owner, vm).await?;
+        if !self.store.delete_snapshot(sandbox.id, snapshot).await? {
+            return Err(SandboxError::SnapshotNotFound(snapshot.to_string()));
+        }
+        btrfs::delete_subvolume_if_exists_async(self.paths.snapshot(sandbox.id, snapshot)).await?;
+        Ok(())
+    }
+
+    #[instrument(skip(self, owner))]
+    pub async fn restore(&self, owner: Uuid, vm: &str, snapshot: &str) -> Result<Sandbox> {
+        names::validate_resource_name("snapshot", snapshot)?;
+        let (sandbox, _guard) = self.lock(owner, vm).await?;
+        if self
+            .store
+            .get_snapshot(sandbox.id, snapshot)
+            .await?
+            .is_none()
+        {
+            return Err(SandboxError::SnapshotNotFound(snapshot.to_string()));
+        }
+        self.rootfs_of(&sandbox)?;
+        self.store
+            .set_state(sandbox.id, SandboxState::Restoring, Some(snapshot))
+            .await?;
+        self.finish_restore(&sandbox, snapshot).await?;
+        self.get(owner, vm).await
+    }
+
+    /// Stop, swap the root filesystem for a writable copy of the snapshot,
+    /// start. Idempotent, so recovery can run it again after a crash.
+    async fn finish_restore(&self, sandbox: &Sandbox, snapshot: &str) -> Result<()> {
+        let (Some(container), Some(rootfs)) = (&sandbox.container_id, &sandbox.rootfs_path) else {
+            return Err(SandboxError::NotRunning {
+                name: sandbox.name.clone(),
+                state: "error",
+            });
+        };
+        let started = Instant::now();
+        self.runtime.stop(container).await?;
+        replace_rootfs(rootfs, &self.paths.snapshot(sandbox.id, snapshot)).await?;
+        self.runtime.start(container).await?;
+        self.store
+            .set_state(sandbox.id, SandboxState::Running, None)
+            .await?;
+        info!(id = %sandbox.id, snapshot, elapsed_ms = started.elapsed().as_millis() as u64, "restored");
+        Ok(())
+    }
+
+    /// Looks a sandbox up, takes its lock, and reads it again under the lock
+    /// (it may have been deleted or changed while we waited).
+    async fn lock(
+        &self,
+        owner: Uuid,
+        name: &str,
+    ) -> Result<(Sandbox, tokio::sync::OwnedMutexGuard<()>)> {
+        let id = self.get(owner, name).await?.id;
+        let guard = self.locks.lock(id).await;
+        let sandbox = self
+            .get(owner, name)
+            .await
+            .ok()
+            .filter(|s| s.id == id)
+            .ok_or_else(|| SandboxError::VmNotFound(name.to_string()))?;
+        Ok((sandbox, guard))
+    }
+
+    fn rootfs_of<'a>(&self, sandbox: &'a Sandbox) -> Result<&'a Path> {
+        match (&sandbox.rootfs_path, sandbox.state) {
+            (Some(rootfs), SandboxState::Running | SandboxState::Stopped) => Ok(rootfs),
+            (_, state) => Err(SandboxError::NotRunning {
+                name: sandbox.name.clone(),
+                state: state.as_str(),
+            }),
+        }
+    }
+}
+
+/// Replaces the subvolume at `rootfs` with a writable snapshot of `source`.
+async fn replace_rootfs(rootfs: &Path, source: &Path) -> Result<()> {
+    btrfs::delete_subvolume_if_exists_async(rootfs.to_path_buf()).await?;
+    btrfs::snapshot_async(source.to_path_buf(), rootfs.to_path_buf(), false).await?;
+    Ok(())
+}
+
+/// Deletes every snapshot subvolume under a sandbox's folder, then the folder.
+async fn remove_snapshot_dir(dir: &Path) -> Result<()> {
+    let snapshots = dir.join("snapshots");
+    match tokio::fs::read_dir(&snapshots).await {
+        Ok(mut entries) => {
+            while let Some(entry) = entries.next_entry().await? {
+                btrfs::delete_subvolume_if_exists_async(entry.path()).await?;
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

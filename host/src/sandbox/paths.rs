@@ -1,0 +1,41 @@
+//! Where a host keeps its snapshots on the Btrfs filesystem:
+//! `<DOCKER_BTRFS_PATH>/opensandbox/hosts/<host id>/sandboxes/<sandbox id>/snapshots/<name>`.
+//! The host id keeps several hosts sharing one filesystem out of each other's
+//! way; names reaching these paths are validated before they get here.
+
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct SnapshotPaths {
+    sandboxes: PathBuf,
+}
+
+impl SnapshotPaths {
+    pub fn new(btrfs_root: &Path, host_id: Uuid) -> Self {
+        Self {
+            sandboxes: btrfs_root
+                .join("opensandbox/hosts")
+                .join(host_id.to_string())
+                .join("sandboxes"),
+        }
+    }
+
+    /// The folder holding every sandbox of this host.
+    pub fn root(&self) -> &Path {
+        &self.sandboxes
+    }
+
+    pub fn sandbox_dir(&self, sandbox: Uuid) -> PathBuf {
+        self.sandboxes.join(sandbox.to_string())
+    }
+
+    pub fn snapshots_dir(&self, sandbox: Uuid) -> PathBuf {
+        self.sandbox_dir(sandbox).join("snapshots")
+    }
+
+    pub fn snapshot(&self, sandbox: Uuid, name: &str) -> PathBuf {
+        self.snapshots_dir(sandbox).join(name)
+    }
+}

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Prepares this machine for OpenSandbox, idempotently:
+#   1. installs what is missing (docker.io, btrfs-progs, debootstrap, tini, curl);
+#   2. mounts a loop-backed Btrfs at DOCKER_BTRFS_PATH unless a Btrfs is there;
+#   3. starts our own dockerd (socket /run/opensandbox/docker.sock) with its data
+#      root on that Btrfs, --storage-driver btrfs and no networking of its own
+#      (--bridge=none --iptables=false --ip6tables=false);
+#   4. builds a small local base image when DOCKER_IMAGE cannot be pulled.
+# Prints the `export DOCKER_HOST=...` line that the service needs, last.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f .env ] && set -a && . ./.env && set +a
+
+DOCKER_BTRFS_PATH="${DOCKER_BTRFS_PATH:-/var/lib/sandbox-btrfs}"
+DOCKER_IMAGE="${DOCKER_IMAGE:-ubuntu:22.04}"
+BTRFS_IMAGE_FILE="${BTRFS_IMAGE_FILE:-${DOCKER_BTRFS_PATH%/}.img}"
+BTRFS_IMAGE_SIZE="${BTRFS_IMAGE_SIZE:-40G}"
+SOCK_DIR=/run/opensandbox
+export DOCKER_HOST="unix://$SOCK_DIR/docker.sock"
+
+log() { echo "setup: $*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v tini >/dev/null || need+=(tini)
+command -v curl >/dev/null || need+=(curl)
+command -v zstd >/dev/null || need+=(zstd)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if [ "$(stat -f -c %T "$DOCKER_BTRFS_PATH" 2>/dev/null)" != btrfs ]; then
+  log "mounting a $BTRFS_IMAGE_SIZE loop-backed Btrfs at $DOCKER_BTRFS_PATH ($BTRFS_IMAGE_FILE, sparse)"
+  as_root mkdir -p "$DOCKER_BTRFS_PATH"
+  if [ ! -s "$BTRFS_IMAGE_FILE" ]; then
+    as_root truncate -s "$BTRFS_IMAGE_SIZE" "$BTRFS_IMAGE_FILE"
+    as_root mkfs.btrfs -q "$BTRFS_IMAGE_FILE"
+  fi
+  as_root mount -o loop "$BTRFS_IMAGE_FILE" "$DOCKER_BTRFS_PATH"
+fi
+
+if ! docker info >/dev/null 2>&1; then
+  log "starting dockerd on $DOCKER_HOST (data root $DOCKER_BTRFS_PATH/docker, btrfs driver)"
+  as_root mkdir -p "$SOCK_DIR" "$DOCKER_BTRFS_PATH/docker"
+  # A dockerd left dead by a previous run leaves its pid file behind.
+  as_root rm -f "$SOCK_DIR/docker.pid"
+  as_root sh -c "nohup dockerd \
+      --host '$DOCKER_HOST' \
+      --data-root '$DOCKER_BTRFS_PATH/docker' \
+      --exec-root '$SOCK_DIR/exec' \
+      --pidfile '$SOCK_DIR/docker.pid' \
+      --storage-driver btrfs \
+      --bridge=none --iptables=false --ip6tables=false \
+      >'$SOCK_DIR/dockerd.log' 2>&1 &"
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  docker info >/dev/null 2>&1 || { tail -20 "$SOCK_DIR/dockerd.log" >&2; log "dockerd did not start"; exit 1; }
+fi
+driver=$(docker info --format '{{.Driver}}')
+[ "$driver" = btrfs ] || { log "the engine at $DOCKER_HOST uses $driver, not btrfs"; exit 1; }
+
+if ! docker image inspect "$DOCKER_IMAGE" >/dev/null 2>&1; then
+  if ! timeout 20 docker pull "$DOCKER_IMAGE" >/dev/null 2>&1; then
+    log "$DOCKER_IMAGE cannot be pulled here; building a local stand-in"
+    ./scripts/build-base-image.sh "$DOCKER_IMAGE"
+  fi
+fi
+log "ready"
+echo "export DOCKER_HOST=$DOCKER_HOST"
