@@ -117,8 +117,15 @@ impl From<StoreError> for ApiError {
 /// route, wrong method, body too large, bad path encoding): any error response
 /// that is not JSON yet is rewritten into the standard error body.
 pub async fn json_errors(request: Request<Body>, next: Next) -> Response {
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
     let status = response.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The unread rest of the body is still on the wire: tell keep-alive
+        // clients that this connection ends here.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)

@@ -1,0 +1,477 @@
+//! OpenSandbox benchmark.
+//!
+//! ```text
+//! cargo build --release -p opensandbox
+//! cargo run --release -p opensandbox-e2e --bin opensandbox-bench -- [--runs N]
+//! ```
+//!
+//! Starts its own host through the e2e harness (binary: `OPENSANDBOX_BIN`, else
+//! `target/release/opensandbox` when it exists and is not older than `target/debug/opensandbox`,
+//! else the debug build, with a warning), measures each operation N times (default 50)
+//! client-side over HTTP on 127.0.0.1, compares with the docker CLI, prints a markdown table,
+//! and removes everything it created.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use opensandbox_e2e::{
+    btrfs_path, docker, docker_host, docker_image, json, workspace_root, Host, HostOptions,
+};
+
+const DEFAULT_RUNS: usize = 50;
+
+struct Args {
+    runs: usize,
+}
+
+fn usage() -> &'static str {
+    "usage: opensandbox-bench [--runs N]\n\
+     \n\
+     Measures create, run, snapshot (1 MiB and 1 GiB written), restore and fork of an\n\
+     opensandbox host it starts itself, plus docker CLI baselines, N times each (default 50).\n\
+     Host binary: OPENSANDBOX_BIN, else target/release/opensandbox (build it first with\n\
+     `cargo build --release -p opensandbox`), else target/debug/opensandbox.\n\
+     Environment: DOCKER_HOST, DOCKER_BTRFS_PATH, DOCKER_IMAGE as for the host."
+}
+
+fn parse_args() -> Result<Args> {
+    let mut runs = DEFAULT_RUNS;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--runs" | "-n" => {
+                let v = it.next().context("--runs needs a value")?;
+                runs = v
+                    .parse()
+                    .with_context(|| format!("--runs {v:?} is not a number"))?;
+            }
+            s if s.starts_with("--runs=") => {
+                let v = &s["--runs=".len()..];
+                runs = v
+                    .parse()
+                    .with_context(|| format!("--runs {v:?} is not a number"))?;
+            }
+            "-h" | "--help" => {
+                println!("{}", usage());
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{}", usage()),
+        }
+    }
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    Ok(Args { runs })
+}
+
+fn pick_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("OPENSANDBOX_BIN").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let root = workspace_root();
+    let release = root.join("target/release/opensandbox");
+    let debug = root.join("target/debug/opensandbox");
+    let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (mtime(&release), mtime(&debug)) {
+        (Some(r), Some(d)) if r >= d => Ok(release),
+        (Some(_), None) => Ok(release),
+        (Some(_), Some(_)) => {
+            eprintln!(
+                "warning: {} is older than {}; benchmarking the debug build. \
+                 Run `cargo build --release -p opensandbox` for meaningful numbers.",
+                release.display(),
+                debug.display()
+            );
+            Ok(debug)
+        }
+        (None, Some(_)) => {
+            eprintln!(
+                "warning: no release build at {}; benchmarking the debug build. \
+                 Run `cargo build --release -p opensandbox` for meaningful numbers.",
+                release.display()
+            );
+            Ok(debug)
+        }
+        (None, None) => bail!(
+            "no opensandbox binary: build it with `cargo build --release -p opensandbox` \
+             (or set OPENSANDBOX_BIN)"
+        ),
+    }
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+struct Row {
+    op: String,
+    samples: Vec<f64>,
+    target_ms: Option<f64>,
+}
+
+impl Row {
+    fn new(op: &str, mut samples: Vec<f64>, target_ms: Option<f64>) -> Self {
+        samples.sort_by(|a, b| a.total_cmp(b));
+        Row {
+            op: op.to_string(),
+            samples,
+            target_ms,
+        }
+    }
+    fn p50(&self) -> f64 {
+        percentile(&self.samples, 50.0)
+    }
+    fn p95(&self) -> f64 {
+        percentile(&self.samples, 95.0)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn progress(what: &str) {
+    eprintln!("[bench] {what}");
+}
+
+async fn docker_async(args: &[&str]) -> Result<String> {
+    let out = tokio::process::Command::new("docker")
+        .env("DOCKER_HOST", docker_host())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running docker {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "docker {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Removes the baseline container however the benchmark ends.
+struct ContainerGuard(Option<String>);
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            let _ = docker(&["rm", "-f", &c]);
+        }
+    }
+}
+
+fn command_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Runs every measurement; returns the rows, our run p50 and the docker exec p50.
+async fn measure(host: &Host, n: usize, image: &str) -> Result<(Vec<Row>, f64, f64)> {
+    let key = host.admin_key().await?;
+    let mut rows = Vec::new();
+
+    // create
+    progress("create");
+    let mut s = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = format!("bench-create-{i}");
+        let t = Instant::now();
+        host.create_vm_named(&key, &name).await?;
+        s.push(ms(t.elapsed()));
+        host.delete(&key, &name).await?;
+    }
+    rows.push(Row::new("create (POST /vms)", s, Some(300.0)));
+
+    // run
+    progress("run echo hello");
+    host.create_vm_named(&key, "bench").await?;
+    for _ in 0..3 {
+        host.run_ok(&key, "bench", "echo hello").await?;
+    }
+    let mut s = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = host.run(&key, "bench", "echo hello").await?;
+        s.push(ms(t.elapsed()));
+        if r.stdout != "hello\n" || r.exit_code != Some(0) {
+            bail!("run echo hello gave {}", r.brief());
+        }
+    }
+    let run_row = Row::new("run `echo hello`", s, Some(40.0));
+    let run_p50 = run_row.p50();
+    rows.push(run_row);
+
+    // snapshot with 1 MiB written
+    progress("snapshot (1 MiB written)");
+    let mut s = Vec::with_capacity(n);
+    for i in 0..n {
+        host.run_ok(
+            &key,
+            "bench",
+            "dd if=/dev/urandom of=/root/one-mib bs=1M count=1 conv=fsync status=none",
+        )
+        .await?;
+        let name = format!("m{i}");
+        let t = Instant::now();
+        host.snapshot(&key, "bench", &name).await?;
+        s.push(ms(t.elapsed()));
+        host.delete_snapshot(&key, "bench", &name).await?;
+    }
+    rows.push(Row::new("snapshot (1 MiB written)", s, Some(15.0)));
+
+    // snapshot with 1 GiB written
+    progress("snapshot (1 GiB written): writing 1 GiB");
+    host.create_vm_named(&key, "bench-big").await?;
+    let t = Instant::now();
+    host.run_ok(
+        &key,
+        "bench-big",
+        "dd if=/dev/zero of=/root/one-gib bs=1M count=1024 conv=fsync status=none",
+    )
+    .await?;
+    progress(&format!(
+        "wrote 1 GiB in {:.0} ms; snapshotting",
+        ms(t.elapsed())
+    ));
+    let mut s = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = format!("g{i}");
+        let t = Instant::now();
+        host.snapshot(&key, "bench-big", &name).await?;
+        s.push(ms(t.elapsed()));
+        host.delete_snapshot(&key, "bench-big", &name).await?;
+    }
+    rows.push(Row::new("snapshot (1 GiB written)", s, Some(15.0)));
+    host.delete(&key, "bench-big").await?;
+
+    // restore
+    progress("restore");
+    host.run_ok(&key, "bench", "echo base > /root/base").await?;
+    host.snapshot(&key, "bench", "base").await?;
+    let mut s = Vec::with_capacity(n);
+    for i in 0..n {
+        host.run_ok(
+            &key,
+            "bench",
+            &format!("echo {i} > /root/changed && rm -f /root/base"),
+        )
+        .await?;
+        let t = Instant::now();
+        host.restore(&key, "bench", "base").await?;
+        s.push(ms(t.elapsed()));
+    }
+    let check = host.run_ok(&key, "bench", "cat /root/base").await?;
+    if check != "base\n" {
+        bail!("restore did not bring back /root/base: {check:?}");
+    }
+    rows.push(Row::new("restore", s, Some(300.0)));
+
+    // fork
+    progress("fork");
+    let mut s = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = format!("bench-fork-{i}");
+        let t = Instant::now();
+        host.create_vm(
+            &key,
+            json!({"name": name, "from": {"vm": "bench", "snapshot": "base"}}),
+        )
+        .await?;
+        s.push(ms(t.elapsed()));
+        host.delete(&key, &name).await?;
+    }
+    rows.push(Row::new("fork (POST /vms with from)", s, Some(300.0)));
+    host.delete(&key, "bench").await?;
+
+    // docker CLI baselines
+    progress("baseline: docker run --rm");
+    let mut s = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        docker_async(&["run", "--rm", "--network", "none", image, "true"]).await?;
+        s.push(ms(t.elapsed()));
+    }
+    rows.push(Row::new(
+        "baseline: `docker run --rm --network none IMAGE true`",
+        s,
+        None,
+    ));
+
+    progress("baseline: docker exec");
+    let c = docker_async(&["run", "-d", "--network", "none", image, "sleep", "infinity"])
+        .await?
+        .trim()
+        .to_string();
+    let guard = ContainerGuard(Some(c.clone()));
+    for _ in 0..3 {
+        docker_async(&["exec", &c, "echo", "hello"]).await?;
+    }
+    let mut s = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let out = docker_async(&["exec", &c, "echo", "hello"]).await?;
+        s.push(ms(t.elapsed()));
+        if out != "hello\n" {
+            bail!("docker exec echo hello printed {out:?}");
+        }
+    }
+    let exec_row = Row::new("baseline: `docker exec C echo hello`", s, None);
+    let exec_p50 = exec_row.p50();
+    rows.push(exec_row);
+    drop(guard);
+
+    progress("baseline: btrfs subvolume snapshot -r");
+    rows.push(Row::new(
+        "baseline: `btrfs subvolume snapshot -r` (1 MiB written)",
+        btrfs_cli_snapshots(n).await?,
+        None,
+    ));
+    Ok((rows, run_p50, exec_p50))
+}
+
+async fn btrfs(args: &[&str]) -> Result<()> {
+    let out = tokio::process::Command::new("btrfs")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running btrfs {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "btrfs {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The btrfs CLI's own snapshot time on the same filesystem, for the same
+/// change per snapshot as our 1 MiB row: what our snapshot call is compared to.
+async fn btrfs_cli_snapshots(n: usize) -> Result<Vec<f64>> {
+    let dir = btrfs_path().join(format!("opensandbox-bench-{}", std::process::id()));
+    tokio::fs::create_dir_all(&dir).await?;
+    let src = dir.join("src");
+    let src_str = src.to_string_lossy().into_owned();
+    let result = async {
+        btrfs(&["subvolume", "create", &src_str]).await?;
+        let mut s = Vec::with_capacity(n);
+        for i in 0..n {
+            let data: Vec<u8> = (0..1024 * 1024).map(|b: usize| (b ^ i) as u8).collect();
+            let file = src.join("one-mib");
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::File::create(file)?;
+                f.write_all(&data)?;
+                f.sync_all()
+            })
+            .await??;
+            let dest = dir.join(format!("snap-{i}")).to_string_lossy().into_owned();
+            let t = Instant::now();
+            btrfs(&["subvolume", "snapshot", "-r", &src_str, &dest]).await?;
+            s.push(ms(t.elapsed()));
+            btrfs(&["subvolume", "delete", &dest]).await?;
+        }
+        Ok::<_, anyhow::Error>(s)
+    }
+    .await;
+    let _ = btrfs(&["subvolume", "delete", &src_str]).await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    result
+}
+
+async fn bench(args: Args) -> Result<()> {
+    let n = args.runs;
+    let bin = pick_bin()?;
+    let image = docker_image();
+
+    println!("## OpenSandbox benchmark\n");
+    println!("- runs per operation: {n}");
+    println!("- nproc: {}", command_line("nproc", &[]));
+    println!("- kernel: {}", command_line("uname", &["-r"]));
+    println!(
+        "- docker engine: {} (storage driver {})",
+        docker(&["version", "-f", "{{.Server.Version}}"])
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into()),
+        docker(&["info", "-f", "{{.Driver}}"])
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into())
+    );
+    println!("- image: {image}");
+    println!("- host binary: {}", bin.display());
+    println!();
+
+    progress("starting the host");
+    let mut host = Host::start_with(HostOptions {
+        bin: Some(bin),
+        env: vec![],
+    })
+    .await?;
+    host.set_log_on_drop(false);
+    let measured = measure(&host, n, &image).await;
+    let leftover = host.delete_all_vms().await;
+    if !leftover.is_empty() {
+        eprintln!("warning: could not delete: {leftover:?}");
+    }
+    if measured.is_err() {
+        eprintln!(
+            "----- opensandbox host log (tail) -----\n{}\n----- end of host log -----",
+            host.log_tail(60)
+        );
+    }
+    drop(host);
+    let (rows, run_p50, exec_p50) = measured?;
+
+    println!("| operation | p50 ms | p95 ms | runs | target (p50) | met? |");
+    println!("|---|---:|---:|---:|---:|:---:|");
+    for r in &rows {
+        let (target, met) = match r.target_ms {
+            Some(t) => (
+                format!("<= {t:.0}"),
+                if r.p50() <= t { "yes" } else { "no" }.to_string(),
+            ),
+            None => ("—".to_string(), "—".to_string()),
+        };
+        println!(
+            "| {} | {:.1} | {:.1} | {} | {} | {} |",
+            r.op,
+            r.p50(),
+            r.p95(),
+            r.samples.len(),
+            target,
+            met
+        );
+    }
+    println!();
+    println!(
+        "docker exec (CLI) p50 / our run p50 = {:.1} / {:.1} = {:.2}x",
+        exec_p50,
+        run_p50,
+        exec_p50 / run_p50
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    rt.block_on(bench(args))
+}
