@@ -13,4 +13,4 @@ trap 'rm -f "$log"' EXIT
 cargo test --workspace --all-targets -- --test-threads "${TEST_THREADS:-2}" 2>&1 | tee "$log"
 # One closing line over every test binary (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
