@@ -409,6 +409,18 @@ fn expect(resp: Resp, status: u16, what: &str) -> Result<Value> {
 }
 
 /// Names of `{"snapshots": [{"name", ...}]}` in order.
+/// The names in a `GET /vms` body.
+pub fn vm_names(body: &Value) -> Vec<String> {
+    body.get("vms")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.get("name").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn snapshot_names(body: &Value) -> Vec<String> {
     body.get("snapshots")
         .and_then(Value::as_array)
@@ -1031,15 +1043,7 @@ impl Host {
             if st != StatusCode::OK {
                 continue; // revoked key, etc.
             }
-            let names: Vec<String> = body
-                .get("vms")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.get("name").and_then(Value::as_str).map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let names = vm_names(&body);
             for name in names {
                 if let Err(e) = self.delete(&key, &name).await {
                     failed.push(format!("{name}: {e:#}"));
@@ -1130,15 +1134,7 @@ impl ApiOnly {
             let Ok(body) = r.json::<Value>().await else {
                 continue;
             };
-            let names: Vec<String> = body
-                .get("vms")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.get("name").and_then(Value::as_str).map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let names = vm_names(&body);
             for n in names {
                 let _ = self
                     .client

@@ -267,3 +267,77 @@ async fn assert_error_404(host: &Host, key: &str, vm: &str) -> Result<()> {
     opensandbox_e2e::assert_error(&resp, 404, "vm_not_found");
     Ok(())
 }
+
+/// Simulates crashes in the middle of a create and of a restore (after the
+/// old root was deleted, before the new one was in place) by editing the
+/// store while the host is down; the restart must undo the create and finish
+/// the restore.
+#[tokio::test(flavor = "multi_thread")]
+async fn interrupted_create_and_restore_are_undone_and_finished() -> Result<()> {
+    let mut host = Host::start().await?;
+    let key = host.admin_key().await?;
+    let half = host.create_vm_named(&key, "half").await?;
+    let half_id = half["id"].as_str().context("id")?.to_string();
+    host.create_vm_named(&key, "mid").await?;
+    host.run_ok(&key, "mid", "echo a > /root/a").await?;
+    host.snapshot(&key, "mid", "s1").await?;
+    host.run_ok(&key, "mid", "echo b > /root/b && rm /root/a")
+        .await?;
+    let host_id = host.host_id()?;
+    host.stop().await?;
+
+    let db = host.data_dir().join("opensandbox.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await?;
+    sqlx::query("UPDATE sandboxes SET state = 'creating' WHERE name = 'half'")
+        .execute(&pool)
+        .await?;
+    sqlx::query(
+        "UPDATE sandboxes SET state = 'restoring', pending_restore = 's1' WHERE name = 'mid'",
+    )
+    .execute(&pool)
+    .await?;
+    let (container, rootfs): (String, String) =
+        sqlx::query_as("SELECT container_id, rootfs_path FROM sandboxes WHERE name = 'mid'")
+            .fetch_one(&pool)
+            .await?;
+    pool.close().await;
+    // The crash hit after the old root filesystem was deleted.
+    docker(&["stop", "-t", "0", &container])?;
+    let out = std::process::Command::new("btrfs")
+        .args(["subvolume", "delete", &rootfs])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    host.restart().await?;
+    let names: Vec<String> = host
+        .list_vms(&key)
+        .await?
+        .iter()
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(names, vec!["mid"], "the half-made sandbox is gone");
+    assert!(
+        docker_containers_with_label(&format!("org.opensandbox.sandbox={half_id}")).is_empty(),
+        "the half-made sandbox's container is removed"
+    );
+    assert!(
+        !sandbox_dir(&host_id, &half_id).exists(),
+        "its snapshots are removed"
+    );
+
+    let mid = host.get_vm(&key, "mid").await?;
+    assert_eq!(mid["state"], "running", "{mid}");
+    assert_eq!(host.run_ok(&key, "mid", "cat /root/a").await?, "a\n");
+    let r = host.run(&key, "mid", "test -e /root/b").await?;
+    assert_eq!(
+        r.exit_code,
+        Some(1),
+        "the restore was finished: {}",
+        r.brief()
+    );
+    Ok(())
+}
