@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use opensandbox_e2e::{json, wait_until, Host};
+use opensandbox_e2e::{assert_error, json, wait_until, Host};
 
 const MIB: usize = 1024 * 1024;
 
@@ -68,6 +68,16 @@ async fn command_semantics() -> Result<()> {
         )
         .await?;
     assert_eq!(r.stdout, "w\n/opt/work\n", "cwd: {}", r.brief());
+    // A cwd that does not exist: the command never starts, and the answer says why.
+    let resp = host
+        .post(
+            "/vms/r/run",
+            Some(&key),
+            json!({"command": "echo never", "cwd": "/no/such/dir"}),
+        )
+        .await?;
+    assert_error(&resp, 400, "command_not_started");
+    assert!(resp.1.to_string().contains("/no/such/dir"), "{}", resp.1);
 
     // /bin/sh -c semantics.
     let r = host.run(&key, "r", "echo abc | tr a-z A-Z").await?;

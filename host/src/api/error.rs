@@ -83,6 +83,7 @@ impl From<SandboxError> for ApiError {
             E::VmExists(_) => (StatusCode::CONFLICT, "vm_exists"),
             E::SnapshotExists(_) => (StatusCode::CONFLICT, "snapshot_exists"),
             E::NotRunning { .. } => (StatusCode::CONFLICT, "vm_not_running"),
+            E::CommandNotStarted(_) => (StatusCode::BAD_REQUEST, "command_not_started"),
             E::RuntimeUnavailable(_) => (StatusCode::BAD_REQUEST, "runtime_unavailable"),
             E::ImageUnavailable { .. } => (StatusCode::BAD_REQUEST, "image_unavailable"),
             E::Runtime(_) => {

@@ -216,6 +216,23 @@ fn engine(op: &'static str, err: BollardError) -> RuntimeError {
     }
 }
 
+/// When runc cannot start the process (bad cwd, no shell), the engine reports
+/// it as exit code 126 with its own message on the output stream.
+fn start_failure(outcome: &ExecOutcome) -> Option<String> {
+    const MARKER: &[u8] = b"OCI runtime exec failed";
+    if outcome.exit_code != Some(126) || !outcome.stdout.starts_with(MARKER) {
+        return None;
+    }
+    let message = String::from_utf8_lossy(&outcome.stdout);
+    // The interesting part follows runc's fixed prefixes.
+    let reason = message
+        .rsplit_once("unable to start container process: ")
+        .map_or(message.as_ref(), |(_, rest)| rest)
+        .trim_end_matches(|c: char| c.is_whitespace())
+        .trim_end_matches(": unknown");
+    Some(reason.to_string())
+}
+
 /// Appends to a capped buffer, remembering whether anything was dropped.
 fn push_capped(buf: &mut Vec<u8>, truncated: &mut bool, data: &[u8], limit: usize) {
     let room = limit.saturating_sub(buf.len());
@@ -417,6 +434,9 @@ impl Runtime for DockerRuntime {
             Ok(result) => {
                 result?;
                 outcome.exit_code = self.wait_exit_code(&exec.id).await?;
+                if let Some(reason) = start_failure(&outcome) {
+                    return Err(RuntimeError::NotStarted(reason));
+                }
             }
             Err(_elapsed) => {
                 self.kill_exec(&exec.id).await;
@@ -463,6 +483,26 @@ impl Runtime for DockerRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runc_start_failures_are_recognised() {
+        let failed = ExecOutcome {
+            stdout: b"OCI runtime exec failed: exec failed: unable to start container process: \
+                      chdir to cwd (\"/nope\") set in config.json failed: no such file or directory: unknown\r\n"
+                .to_vec(),
+            exit_code: Some(126),
+            ..Default::default()
+        };
+        let reason = start_failure(&failed).unwrap();
+        assert!(reason.starts_with("chdir to cwd (\"/nope\")"), "{reason}");
+        assert!(!reason.ends_with("unknown"), "{reason}");
+        let ordinary = ExecOutcome {
+            stdout: b"hi".to_vec(),
+            exit_code: Some(126),
+            ..Default::default()
+        };
+        assert!(start_failure(&ordinary).is_none());
+    }
 
     #[test]
     fn capped_buffers_keep_the_head_and_flag_the_rest() {

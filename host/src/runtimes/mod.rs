@@ -22,6 +22,10 @@ pub enum RuntimeError {
     NotFound(String),
     #[error("the sandbox is not running")]
     NotRunning,
+    /// The runtime could not start the command at all (missing cwd, no
+    /// `/bin/sh` in the image); its message says why.
+    #[error("the command could not be started: {0}")]
+    NotStarted(String),
     #[error("{0}")]
     Setup(String),
     #[error("engine error during {op}: {detail}")]

@@ -47,6 +47,8 @@ pub enum SandboxError {
     RuntimeUnavailable(String),
     #[error("image {image:?} is not available: {reason}")]
     ImageUnavailable { image: String, reason: String },
+    #[error("{0}")]
+    CommandNotStarted(String),
     #[error("runtime error: {0}")]
     Runtime(RuntimeError),
     #[error("snapshot storage error: {0}")]
@@ -63,6 +65,7 @@ impl From<RuntimeError> for SandboxError {
             RuntimeError::ImageUnavailable { image, reason } => {
                 SandboxError::ImageUnavailable { image, reason }
             }
+            RuntimeError::NotStarted(reason) => SandboxError::CommandNotStarted(reason),
             other => SandboxError::Runtime(other),
         }
     }
