@@ -114,6 +114,11 @@ pub struct ServeConfig {
     #[arg(long, env = "DOCKER_HOST", value_name = "DOCKER_HOST")]
     pub docker_host: Option<String>,
 
+    /// Plugins file (TOML) listing the Wasm policy and hook plugins to load;
+    /// none by default. See plugins/README.md.
+    #[arg(long, env = "PLUGINS_CONFIG", value_name = "PLUGINS_CONFIG")]
+    pub plugins_config: Option<PathBuf>,
+
     /// Cap on each of stdout and stderr of one command, in bytes.
     #[arg(
         long,

@@ -8,6 +8,7 @@
 //! - [`sandbox`]: sandbox lifecycle, snapshots, restore, fork, recovery
 //! - [`runtimes`]: what runs sandboxes (Docker)
 //! - [`btrfs`]: subvolume and snapshot ioctls
+//! - [`plugins`]: the Wasm plugin platform (policies and command hooks)
 //! - [`names`]: validation of names that reach paths and commands
 
 pub mod api;
@@ -15,6 +16,7 @@ pub mod auth;
 pub mod btrfs;
 pub mod config;
 pub mod names;
+pub mod plugins;
 pub mod runtimes;
 pub mod sandbox;
 pub mod store;

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use opensandbox::config::{Cli, Command, ServeConfig};
+use opensandbox::plugins::PluginChain;
 use opensandbox::runtimes::docker::{DockerRuntime, DockerSettings};
 use opensandbox::runtimes::Runtime;
 use opensandbox::sandbox::{RunLimits, Sandboxes, SnapshotPaths};
@@ -77,6 +78,8 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             )
         })?;
 
+    let plugins = load_plugins(&config).await?;
+
     let docker = DockerRuntime::connect(DockerSettings {
         docker_host: config.docker_host.clone(),
         btrfs_path: config.docker_btrfs_path.clone(),
@@ -99,6 +102,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         SnapshotPaths::new(&config.docker_btrfs_path, host_id),
         config.docker_image.clone(),
         limits,
+        plugins,
     ));
     sandboxes
         .recover()
@@ -117,6 +121,19 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .context("server error")?;
     info!("shut down");
     Ok(())
+}
+
+/// Loads the plugins file, if any; compiling is CPU work, so it runs on the
+/// blocking pool. Any failure stops start-up, naming the plugin.
+async fn load_plugins(config: &ServeConfig) -> anyhow::Result<Arc<PluginChain>> {
+    let Some(path) = config.plugins_config.clone() else {
+        return Ok(Arc::new(PluginChain::empty()));
+    };
+    let cache = config.data_dir.join("plugin-cache");
+    let chain = tokio::task::spawn_blocking(move || PluginChain::load(&path, cache))
+        .await
+        .context("plugin loading panicked")??;
+    Ok(Arc::new(chain))
 }
 
 /// The host's identity, kept in DATA_DIR: it marks the containers and

@@ -84,6 +84,8 @@ impl From<SandboxError> for ApiError {
             E::SnapshotExists(_) => (StatusCode::CONFLICT, "snapshot_exists"),
             E::NotRunning { .. } => (StatusCode::CONFLICT, "vm_not_running"),
             E::CommandNotStarted(_) => (StatusCode::BAD_REQUEST, "command_not_started"),
+            E::RejectedByPolicy { .. } => (StatusCode::FORBIDDEN, "rejected_by_policy"),
+            E::DeniedByHook { .. } => (StatusCode::FORBIDDEN, "denied_by_hook"),
             E::RuntimeUnavailable(_) => (StatusCode::BAD_REQUEST, "runtime_unavailable"),
             E::ImageUnavailable { .. } => (StatusCode::BAD_REQUEST, "image_unavailable"),
             E::Runtime(_) => {

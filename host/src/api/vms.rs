@@ -194,7 +194,7 @@ pub async fn create(
             snapshot: f.snapshot,
         }),
     };
-    let sandbox = state.sandboxes.create(key.id, request).await?;
+    let sandbox = state.sandboxes.create(&key, request).await?;
     Ok((StatusCode::CREATED, Json(sandbox.into())))
 }
 
@@ -266,7 +266,7 @@ pub async fn run(
         cwd: body.cwd,
         timeout_ms: body.timeout_ms,
     };
-    let result = state.sandboxes.run(key.id, &name, command).await?;
+    let result = state.sandboxes.run(&key, &name, command).await?;
     Ok(Json(result.into()))
 }
 

@@ -248,6 +248,10 @@ impl Runtime for DockerRuntime {
         "docker"
     }
 
+    async fn healthy(&self) -> bool {
+        self.docker.ping().await.is_ok()
+    }
+
     async fn ensure_image(&self, image: &str) -> Result<()> {
         match self.docker.inspect_image(image).await {
             Ok(_) => Ok(()),

@@ -93,6 +93,8 @@ pub struct ExecOutcome {
 pub trait Runtime: Send + Sync {
     /// The name clients see in a sandbox's `runtime` field.
     fn name(&self) -> &'static str;
+    /// Whether the runtime answers now (its health, as policies see it).
+    async fn healthy(&self) -> bool;
     /// Fails fast with `ImageUnavailable` when the image cannot be had.
     async fn ensure_image(&self, image: &str) -> Result<()>;
     async fn create(&self, spec: &InstanceSpec) -> Result<Instance>;

@@ -6,6 +6,7 @@
 
 mod locks;
 mod paths;
+mod plugged;
 pub mod recovery;
 
 use std::collections::BTreeMap;
@@ -18,8 +19,11 @@ use uuid::Uuid;
 
 use crate::btrfs::{self, BtrfsError};
 use crate::names::{self, NameError};
+use crate::plugins::PluginChain;
 use crate::runtimes::{ExecOutcome, ExecRequest, InstanceSpec, Runtime, RuntimeError};
-use crate::store::{ForkSource, NewSandbox, Sandbox, SandboxState, Snapshot, Store, StoreError};
+use crate::store::{
+    ApiKey, ForkSource, NewSandbox, Sandbox, SandboxState, Snapshot, Store, StoreError,
+};
 
 use locks::LockTable;
 pub use paths::SnapshotPaths;
@@ -43,6 +47,10 @@ pub enum SandboxError {
     SnapshotExists(String),
     #[error("sandbox {name:?} is {state}, not running")]
     NotRunning { name: String, state: &'static str },
+    #[error("rejected by policy plugin {plugin:?}: {reason}")]
+    RejectedByPolicy { plugin: String, reason: String },
+    #[error("denied by hook plugin {plugin:?}: {reason}")]
+    DeniedByHook { plugin: String, reason: String },
     #[error("runtime {0:?} is not available; this host offers: docker")]
     RuntimeUnavailable(String),
     #[error("image {image:?} is not available: {reason}")]
@@ -115,6 +123,7 @@ pub struct Sandboxes {
     locks: LockTable,
     default_image: String,
     limits: RunLimits,
+    plugins: Arc<PluginChain>,
 }
 
 impl Sandboxes {
@@ -124,6 +133,7 @@ impl Sandboxes {
         paths: SnapshotPaths,
         default_image: String,
         limits: RunLimits,
+        plugins: Arc<PluginChain>,
     ) -> Self {
         Self {
             store,
@@ -132,6 +142,7 @@ impl Sandboxes {
             locks: LockTable::default(),
             default_image,
             limits,
+            plugins,
         }
     }
 
@@ -154,15 +165,11 @@ impl Sandboxes {
     }
 
     #[instrument(skip_all, fields(sandbox = %request.name))]
-    pub async fn create(&self, owner: Uuid, request: CreateSandbox) -> Result<Sandbox> {
+    pub async fn create(&self, caller: &ApiKey, request: CreateSandbox) -> Result<Sandbox> {
+        let owner = caller.id;
         names::validate_resource_name("sandbox", &request.name)?;
         names::validate_env(&request.env)?;
         names::validate_labels(&request.labels)?;
-        if let Some(runtime) = &request.runtime {
-            if runtime != self.runtime.name() {
-                return Err(SandboxError::RuntimeUnavailable(runtime.clone()));
-            }
-        }
         // A fork keeps its source's image: its files come from that image.
         let source = match &request.from {
             Some(from) => Some(self.fork_source(owner, from).await?),
@@ -180,6 +187,7 @@ impl Sandboxes {
             (None, None) => self.default_image.clone(),
         };
         names::validate_image(&image)?;
+        let runtime = self.choose_runtime(caller, &request, &image).await?;
         self.runtime.ensure_image(&image).await?;
 
         let sandbox = self
@@ -188,7 +196,7 @@ impl Sandboxes {
                 owner_key_id: owner,
                 name: request.name.clone(),
                 image: image.clone(),
-                runtime: self.runtime.name().to_string(),
+                runtime,
                 env: request.env.clone(),
                 labels: request.labels.clone(),
                 forked_from: request.from.clone(),
@@ -293,10 +301,10 @@ impl Sandboxes {
         Ok(())
     }
 
-    #[instrument(skip(self, owner, request), fields(sandbox = %name))]
-    pub async fn run(&self, owner: Uuid, name: &str, request: RunCommand) -> Result<RunResult> {
-        let exec = self.exec_request(request)?;
-        let sandbox = self.get(owner, name).await?;
+    #[instrument(skip(self, caller, request), fields(sandbox = %name))]
+    pub async fn run(&self, caller: &ApiKey, name: &str, request: RunCommand) -> Result<RunResult> {
+        let mut exec = self.exec_request(request)?;
+        let sandbox = self.get(caller.id, name).await?;
         let container = match (&sandbox.container_id, sandbox.state) {
             (Some(container), SandboxState::Running) => container.clone(),
             (_, state) => {
@@ -306,6 +314,7 @@ impl Sandboxes {
                 })
             }
         };
+        let vetted = self.vet_command(caller, &sandbox, &mut exec)?;
         let started = Instant::now();
         let outcome = self
             .runtime
@@ -318,10 +327,11 @@ impl Sandboxes {
                 },
                 other => other.into(),
             })?;
-        Ok(RunResult {
-            outcome,
-            duration: started.elapsed(),
-        })
+        let duration = started.elapsed();
+        if let Some(command) = vetted {
+            self.report_outcome(caller, command, &outcome, duration);
+        }
+        Ok(RunResult { outcome, duration })
     }
 
     fn exec_request(&self, request: RunCommand) -> Result<ExecRequest> {

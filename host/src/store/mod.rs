@@ -228,6 +228,18 @@ impl Store {
         rows.iter().map(models::sandbox_from_row).collect()
     }
 
+    /// How many sandboxes each runtime holds: the load policies see.
+    pub async fn count_by_runtime(&self) -> Result<BTreeMap<String, u32>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT runtime, COUNT(*) FROM sandboxes GROUP BY runtime")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(runtime, n)| (runtime, u32::try_from(n).unwrap_or(u32::MAX)))
+            .collect())
+    }
+
     /// Records the runtime's handles once the container exists.
     pub async fn set_instance(&self, id: Uuid, container_id: &str, rootfs: &Path) -> Result<()> {
         sqlx::query("UPDATE sandboxes SET container_id = ?, rootfs_path = ? WHERE id = ?")

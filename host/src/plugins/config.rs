@@ -1,0 +1,267 @@
+//! The plugins file (TOML, path in `PLUGINS_CONFIG`): which components to
+//! load, in which order, with which limits, grants and configuration.
+//!
+//! ```toml
+//! [[plugin]]
+//! name = "guard"                      # unique; shown in logs and errors
+//! kind = "hook"                       # "policy" or "hook"
+//! file = "../target/plugins/command-guard.wasm"  # relative to this file
+//! sha256 = "..."                      # optional pin of the file's hash
+//! order = 10                          # lower runs first (default 0; ties: file order)
+//! timeout_ms = 10                     # per call (default 20)
+//! memory_limit_mib = 16               # per call (default 32)
+//! failure = "closed"                  # closed: a failing hook denies, a failing policy rejects;
+//!                                     # open: the plugin is skipped and logged
+//! [plugin.config]                     # handed to the plugin as strings
+//! deny = ["rm -rf /*", "shutdown*"]
+//! [plugin.grants]                     # all off by default
+//! stdio = false                       # plugin stdout/stderr into the host's stderr
+//! clock = false                       # real clocks (else both read 0)
+//! env = { LANG = "C" }                # environment variables
+//! read_only_dirs = { "/etc/policy" = "/policy" }  # host dir -> guest path, read-only
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::PluginError;
+
+const DEFAULT_TIMEOUT_MS: u64 = 20;
+const DEFAULT_MEMORY_MIB: u64 = 32;
+const MAX_TIMEOUT_MS: u64 = 10_000;
+const MAX_MEMORY_MIB: u64 = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginKind {
+    Policy,
+    Hook,
+}
+
+impl PluginKind {
+    pub fn world(self) -> &'static str {
+        match self {
+            PluginKind::Policy => "opensandbox:plugin/policy-plugin@0.1.0",
+            PluginKind::Hook => "opensandbox:plugin/hook-plugin@0.1.0",
+        }
+    }
+}
+
+/// What a failing plugin call means for the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// A failing hook denies the command; a failing policy rejects the creation.
+    #[default]
+    Closed,
+    /// The plugin is skipped (logged), as if it had allowed or abstained.
+    Open,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    #[serde(default)]
+    pub stdio: bool,
+    #[serde(default)]
+    pub clock: bool,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub read_only_dirs: BTreeMap<PathBuf, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    name: String,
+    kind: PluginKind,
+    file: PathBuf,
+    sha256: Option<String>,
+    #[serde(default)]
+    order: i64,
+    timeout_ms: Option<u64>,
+    memory_limit_mib: Option<u64>,
+    #[serde(default)]
+    failure: FailureMode,
+    #[serde(default)]
+    config: toml::Table,
+    #[serde(default)]
+    grants: Grants,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default, rename = "plugin")]
+    plugins: Vec<RawPlugin>,
+}
+
+/// One plugin entry, validated, with its file path resolved.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    pub name: String,
+    pub kind: PluginKind,
+    pub file: PathBuf,
+    pub sha256: Option<String>,
+    pub order: i64,
+    pub timeout_ms: u64,
+    pub memory_limit_bytes: usize,
+    pub failure: FailureMode,
+    /// The plugin's config, flattened to strings (see [`flatten`]).
+    pub config: BTreeMap<String, String>,
+    pub grants: Grants,
+}
+
+/// Reads and validates the plugins file; entries come back sorted by `order`.
+pub fn load(path: &Path) -> Result<Vec<PluginSpec>, PluginError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PluginError::ConfigFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    parse(&text, path.parent().unwrap_or(Path::new("."))).map_err(|reason| {
+        PluginError::ConfigFile {
+            path: path.to_path_buf(),
+            reason,
+        }
+    })
+}
+
+fn parse(text: &str, base: &Path) -> Result<Vec<PluginSpec>, String> {
+    let raw: RawFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut seen = std::collections::HashSet::new();
+    let mut specs = Vec::with_capacity(raw.plugins.len());
+    for plugin in raw.plugins {
+        let name = plugin.name;
+        if crate::names::validate_resource_name("plugin", &name).is_err() {
+            return Err(format!(
+                "plugin name {name:?} must match ^[a-z0-9][a-z0-9-]{{0,62}}$"
+            ));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(format!("plugin {name:?} is listed twice"));
+        }
+        let timeout_ms = plugin.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+        if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+            return Err(format!(
+                "plugin {name:?}: timeout_ms must be 1..={MAX_TIMEOUT_MS}"
+            ));
+        }
+        let memory_mib = plugin.memory_limit_mib.unwrap_or(DEFAULT_MEMORY_MIB);
+        if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
+            return Err(format!(
+                "plugin {name:?}: memory_limit_mib must be 1..={MAX_MEMORY_MIB}"
+            ));
+        }
+        if let Some(pin) = &plugin.sha256 {
+            if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("plugin {name:?}: sha256 must be 64 hex digits"));
+            }
+        }
+        let config = flatten(&plugin.config).map_err(|e| format!("plugin {name:?}: config {e}"))?;
+        let file = if plugin.file.is_absolute() {
+            plugin.file
+        } else {
+            base.join(plugin.file)
+        };
+        specs.push(PluginSpec {
+            name,
+            kind: plugin.kind,
+            file,
+            sha256: plugin.sha256.map(|s| s.to_ascii_lowercase()),
+            order: plugin.order,
+            timeout_ms,
+            memory_limit_bytes: usize::try_from(memory_mib * 1024 * 1024).unwrap_or(usize::MAX),
+            failure: plugin.failure,
+            config,
+            grants: plugin.grants,
+        });
+    }
+    // A stable sort keeps file order among equal `order`s.
+    specs.sort_by_key(|s| s.order);
+    Ok(specs)
+}
+
+/// Plugins see their config as strings: strings as they are, numbers and
+/// booleans as text, arrays of those joined with newlines. Nested tables are
+/// refused, so what the operator wrote is what the plugin reads.
+fn flatten(table: &toml::Table) -> Result<BTreeMap<String, String>, String> {
+    fn scalar(key: &str, value: &toml::Value) -> Result<String, String> {
+        match value {
+            toml::Value::String(s) => Ok(s.clone()),
+            toml::Value::Integer(i) => Ok(i.to_string()),
+            toml::Value::Float(f) => Ok(f.to_string()),
+            toml::Value::Boolean(b) => Ok(b.to_string()),
+            _ => Err(format!(
+                "{key:?}: only strings, numbers, booleans and arrays of them"
+            )),
+        }
+    }
+    table
+        .iter()
+        .map(|(key, value)| {
+            let text = match value {
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|item| scalar(key, item))
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join("\n"),
+                other => scalar(key, other)?,
+            };
+            Ok((key.clone(), text))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_orders_and_flattens() {
+        let specs = parse(
+            r#"
+            [[plugin]]
+            name = "b"
+            kind = "hook"
+            file = "b.wasm"
+            order = 5
+            [plugin.config]
+            deny = ["rm *", "reboot"]
+            n = 3
+
+            [[plugin]]
+            name = "a"
+            kind = "policy"
+            file = "/abs/a.wasm"
+            failure = "open"
+            "#,
+            Path::new("/etc/os"),
+        )
+        .unwrap();
+        assert_eq!(specs[0].name, "a");
+        assert_eq!(specs[0].file, PathBuf::from("/abs/a.wasm"));
+        assert_eq!(specs[0].failure, FailureMode::Open);
+        assert_eq!(specs[1].file, PathBuf::from("/etc/os/b.wasm"));
+        assert_eq!(specs[1].config["deny"], "rm *\nreboot");
+        assert_eq!(specs[1].config["n"], "3");
+        assert_eq!(specs[1].timeout_ms, DEFAULT_TIMEOUT_MS);
+    }
+
+    #[test]
+    fn rejects_bad_entries_with_the_plugin_name() {
+        let base = Path::new(".");
+        let dup = "[[plugin]]\nname='a'\nkind='hook'\nfile='x'\n[[plugin]]\nname='a'\nkind='hook'\nfile='y'";
+        assert!(parse(dup, base).unwrap_err().contains("twice"));
+        let kind = "[[plugin]]\nname='a'\nkind='runtime'\nfile='x'";
+        assert!(parse(kind, base).is_err());
+        let timeout = "[[plugin]]\nname='a'\nkind='hook'\nfile='x'\ntimeout_ms=0";
+        assert!(parse(timeout, base).unwrap_err().contains("\"a\""));
+        let nested = "[[plugin]]\nname='a'\nkind='hook'\nfile='x'\n[plugin.config.t]\nk=1";
+        assert!(parse(nested, base).unwrap_err().contains("config"));
+        let unknown = "[[plugin]]\nname='a'\nkind='hook'\nfile='x'\ncolour='red'";
+        assert!(parse(unknown, base).is_err());
+    }
+}

@@ -1,0 +1,167 @@
+//! One loaded plugin: its pre-instantiated component and the calls into it.
+//! Every call gets a fresh store (and so a fresh instance) with the plugin's
+//! memory cap and an epoch deadline, so a plugin that loops, traps or grows
+//! without bound costs that one call and nothing else.
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::Store;
+
+use super::bindings::{hook, policy, types};
+use super::config::{FailureMode, PluginKind, PluginSpec};
+use super::engine::PluginEngine;
+use super::state::{PluginIdentity, PluginState};
+use super::PluginError;
+
+enum Pre {
+    Policy(policy::PolicyPluginPre<PluginState>),
+    Hook(hook::HookPluginPre<PluginState>),
+}
+
+pub struct LoadedPlugin {
+    pub name: String,
+    pub failure: FailureMode,
+    identity: PluginIdentity,
+    timeout_ticks: u64,
+    pre: Pre,
+}
+
+/// Why one call failed; the chain applies the plugin's failure mode.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CallError(pub String);
+
+impl LoadedPlugin {
+    pub fn load(
+        engine: &PluginEngine,
+        spec: &PluginSpec,
+        wasm: &[u8],
+    ) -> Result<Self, PluginError> {
+        let component = engine.component(&spec.name, wasm)?;
+        let mut linker: Linker<PluginState> = Linker::new(&engine.engine);
+        let link_err = |e: wasmtime::Error| PluginError::Link {
+            plugin: spec.name.clone(),
+            world: spec.kind.world(),
+            reason: format!("{e:#}"),
+        };
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link_err)?;
+        let pre = match spec.kind {
+            PluginKind::Policy => {
+                policy::PolicyPlugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+                    .map_err(link_err)?;
+                let instance_pre = linker.instantiate_pre(&component).map_err(link_err)?;
+                Pre::Policy(policy::PolicyPluginPre::new(instance_pre).map_err(link_err)?)
+            }
+            PluginKind::Hook => {
+                hook::HookPlugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+                    .map_err(link_err)?;
+                let instance_pre = linker.instantiate_pre(&component).map_err(link_err)?;
+                Pre::Hook(hook::HookPluginPre::new(instance_pre).map_err(link_err)?)
+            }
+        };
+        Ok(Self {
+            name: spec.name.clone(),
+            failure: spec.failure,
+            identity: PluginIdentity::new(spec),
+            timeout_ticks: spec.timeout_ms.div_ceil(
+                u64::try_from(super::engine::EPOCH_TICK.as_millis())
+                    .unwrap_or(1)
+                    .max(1),
+            ),
+            pre,
+        })
+    }
+
+    fn store(&self) -> Result<Store<PluginState>, CallError> {
+        let engine = match &self.pre {
+            Pre::Policy(pre) => pre.engine(),
+            Pre::Hook(pre) => pre.engine(),
+        };
+        let state = PluginState::new(&self.identity).map_err(|e| CallError(e.to_string()))?;
+        let mut store = Store::new(engine, state);
+        store.limiter(|state| &mut state.limits);
+        // +1: the tick in progress may be almost over.
+        store.set_epoch_deadline(self.timeout_ticks + 1);
+        store.epoch_deadline_trap();
+        Ok(store)
+    }
+
+    /// The plugin's own check of its configuration, run once at start-up.
+    pub fn validate_config(&self) -> Result<Result<(), String>, CallError> {
+        let mut store = self.store()?;
+        match &self.pre {
+            Pre::Policy(pre) => {
+                let plugin = pre.instantiate(&mut store).map_err(trap)?;
+                plugin
+                    .opensandbox_plugin_policy()
+                    .call_validate_config(&mut store)
+                    .map_err(trap)
+            }
+            Pre::Hook(pre) => {
+                let plugin = pre.instantiate(&mut store).map_err(trap)?;
+                plugin
+                    .opensandbox_plugin_hook()
+                    .call_validate_config(&mut store)
+                    .map_err(trap)
+            }
+        }
+    }
+
+    pub fn select_runtime(
+        &self,
+        request: &types::CreateRequest,
+        caller: &types::Caller,
+        candidates: &[types::RuntimeCandidate],
+    ) -> Result<types::RuntimeDecision, CallError> {
+        let Pre::Policy(pre) = &self.pre else {
+            return Err(CallError("not a policy".into()));
+        };
+        let mut store = self.store()?;
+        let plugin = pre.instantiate(&mut store).map_err(trap)?;
+        plugin
+            .opensandbox_plugin_policy()
+            .call_select_runtime(&mut store, request, caller, candidates)
+            .map_err(trap)
+    }
+
+    pub fn before_command(
+        &self,
+        command: &types::Command,
+        caller: &types::Caller,
+    ) -> Result<types::CommandDecision, CallError> {
+        let Pre::Hook(pre) = &self.pre else {
+            return Err(CallError("not a hook".into()));
+        };
+        let mut store = self.store()?;
+        let plugin = pre.instantiate(&mut store).map_err(trap)?;
+        plugin
+            .opensandbox_plugin_hook()
+            .call_before_command(&mut store, command, caller)
+            .map_err(trap)
+    }
+
+    pub fn after_command(
+        &self,
+        command: &types::Command,
+        caller: &types::Caller,
+        outcome: &types::CommandOutcome,
+    ) -> Result<(), CallError> {
+        let Pre::Hook(pre) = &self.pre else {
+            return Err(CallError("not a hook".into()));
+        };
+        let mut store = self.store()?;
+        let plugin = pre.instantiate(&mut store).map_err(trap)?;
+        plugin
+            .opensandbox_plugin_hook()
+            .call_after_command(&mut store, command, caller, *outcome)
+            .map_err(trap)
+    }
+}
+
+/// Names the usual traps plainly: a timeout or the memory cap, else the trap.
+fn trap(err: wasmtime::Error) -> CallError {
+    match err.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => CallError("timed out".into()),
+        Some(other) => CallError(format!("trapped: {other}")),
+        None => CallError(format!("{err:#}")),
+    }
+}

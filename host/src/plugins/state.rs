@@ -1,0 +1,149 @@
+//! The per-call store data of a plugin: its WASI context (built from its
+//! grants, nothing else), its memory limits, and the host imports every
+//! plugin gets: `log` into our tracing log and its own `config`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p2::{IoView, WasiCtx, WasiCtxBuilder, WasiView};
+use wasmtime_wasi::{DirPerms, FilePerms, HostMonotonicClock, HostWallClock};
+
+use super::bindings::{config, host};
+use super::config::{Grants, PluginSpec};
+use super::PluginError;
+
+/// What every call of one plugin shares; cheap to clone.
+#[derive(Clone)]
+pub struct PluginIdentity {
+    pub name: Arc<str>,
+    pub config: Arc<BTreeMap<String, String>>,
+    pub grants: Arc<Grants>,
+    pub memory_limit_bytes: usize,
+}
+
+impl PluginIdentity {
+    pub fn new(spec: &PluginSpec) -> Self {
+        Self {
+            name: spec.name.as_str().into(),
+            config: Arc::new(spec.config.clone()),
+            grants: Arc::new(spec.grants.clone()),
+            memory_limit_bytes: spec.memory_limit_bytes,
+        }
+    }
+}
+
+pub struct PluginState {
+    identity: PluginIdentity,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub limits: StoreLimits,
+}
+
+impl PluginState {
+    pub fn new(identity: &PluginIdentity) -> Result<Self, PluginError> {
+        Ok(Self {
+            wasi: wasi_context(&identity.grants).map_err(|reason| PluginError::Grant {
+                plugin: identity.name.to_string(),
+                reason,
+            })?,
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(identity.memory_limit_bytes)
+                // A memory bomb traps at the limit instead of seeing a failed grow.
+                .trap_on_grow_failure(true)
+                .instances(64)
+                .tables(64)
+                .memories(16)
+                .build(),
+            identity: identity.clone(),
+        })
+    }
+}
+
+/// WASI with only what the grants allow: by default no files, no
+/// environment, no arguments, no network, stdio discarded and clocks at zero.
+fn wasi_context(grants: &Grants) -> Result<WasiCtx, String> {
+    let mut builder = WasiCtxBuilder::new();
+    if grants.stdio {
+        builder.inherit_stdout().inherit_stderr();
+    }
+    for (key, value) in &grants.env {
+        builder.env(key, value);
+    }
+    for (host_dir, guest_path) in &grants.read_only_dirs {
+        builder
+            .preopened_dir(host_dir, guest_path, DirPerms::READ, FilePerms::READ)
+            .map_err(|e| format!("read_only_dirs {}: {e}", host_dir.display()))?;
+    }
+    if !grants.clock {
+        builder.wall_clock(FrozenClock).monotonic_clock(FrozenClock);
+    }
+    Ok(builder.build())
+}
+
+/// The clock of a plugin without the `clock` grant: time stands still at 0.
+struct FrozenClock;
+
+impl HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+impl IoView for PluginState {
+    fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> &mut WasiCtx {
+        &mut self.wasi
+    }
+}
+
+impl host::Host for PluginState {
+    fn log(&mut self, level: host::LogLevel, message: String) {
+        let plugin = &*self.identity.name;
+        // Plugins cannot forge multi-line entries.
+        let message = message.replace(['\n', '\r'], " ");
+        match level {
+            host::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+            host::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            host::LogLevel::Info => tracing::info!(plugin, "{message}"),
+            host::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            host::LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+impl config::Host for PluginState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.identity.config.get(&key).cloned()
+    }
+
+    fn entries(&mut self) -> Vec<(String, String)> {
+        self.identity
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+impl super::bindings::types::Host for PluginState {}
