@@ -67,7 +67,7 @@ async fn command_guard_denies_rewrites_and_audit_logs() -> Result<()> {
         file = "{command-guard}"
         [plugin.config]
         deny = ["*touch /root/denied*", "shutdown*"]
-        rewrite = ["pip install * => echo pip is disabled here: {}"]
+        rewrite = ["pip install * => echo pip is disabled here: {0}"]
 
         [[plugin]]
         name = "audit"

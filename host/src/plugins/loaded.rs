@@ -162,6 +162,13 @@ fn trap(err: wasmtime::Error) -> CallError {
     match err.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => CallError("timed out".into()),
         Some(other) => CallError(format!("trapped: {other}")),
-        None => CallError(format!("{err:#}")),
+        // Clients see one line; the wasm backtrace that follows stays out.
+        None => CallError(
+            err.to_string()
+                .lines()
+                .next()
+                .unwrap_or("failed")
+                .to_string(),
+        ),
     }
 }
