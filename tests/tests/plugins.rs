@@ -185,19 +185,21 @@ async fn default_policy_caps_and_rejects() -> Result<()> {
 /// A faulty hook costs its call: closed denies, open skips; the host serves on.
 #[tokio::test(flavor = "multi_thread")]
 async fn faulty_hooks_cost_one_call() -> Result<()> {
+    // The trapping hook runs first and is skipped (open); the looping one
+    // then times out and denies (closed).
     let (_dir, host) = host_with(
         r#"
-        [[plugin]]
-        name = "looper"
-        kind = "hook"
-        file = "{loop-hook}"
-        timeout_ms = 50
-
         [[plugin]]
         name = "trapper"
         kind = "hook"
         file = "{trap-hook}"
         failure = "open"
+
+        [[plugin]]
+        name = "looper"
+        kind = "hook"
+        file = "{loop-hook}"
+        timeout_ms = 50
         order = 1
         "#,
     )
@@ -209,38 +211,51 @@ async fn faulty_hooks_cost_one_call() -> Result<()> {
             .post("/vms/f/run", Some(&key), json!({"command": "echo x"}))
             .await?;
         assert_error(&resp, 403, "denied_by_hook");
-        assert!(resp.1.to_string().contains("timed out"), "{}", resp.1);
+        let body = resp.1.to_string();
+        assert!(
+            body.contains("looper") && body.contains("timed out"),
+            "{body}"
+        );
     }
+    assert!(
+        host.log().contains("hook failed; skipped"),
+        "the open failure is logged"
+    );
     assert_eq!(host.get("/health", None).await?.0, 200);
     drop(host);
 
-    let (_dir2, host) = host_with(
-        r#"
-        [[plugin]]
-        name = "bomb"
-        kind = "hook"
-        file = "{membomb-hook}"
-        memory_limit_mib = 16
+    for (entry, culprit, expected) in [
+        (
+            "name = \"bomb\"\nfile = \"{membomb-hook}\"\nmemory_limit_mib = 16\ntimeout_ms = 5000",
+            "bomb",
+            "memory",
+        ),
+        (
+            "name = \"trapper\"\nfile = \"{trap-hook}\"",
+            "trapper",
+            "trapped",
+        ),
+    ] {
+        let (_dir, host) = host_with(&format!("[[plugin]]\nkind = \"hook\"\n{entry}\n")).await?;
+        let key = host.admin_key().await?;
+        host.create_vm_named(&key, "m").await?;
+        let resp = host
+            .post("/vms/m/run", Some(&key), json!({"command": "echo x"}))
+            .await?;
+        assert_error(&resp, 403, "denied_by_hook");
+        let body = resp.1.to_string();
+        assert!(body.contains(culprit) && body.contains(expected), "{body}");
+        assert_eq!(host.get("/health", None).await?.0, 200);
+    }
 
-        [[plugin]]
-        name = "trapper"
-        kind = "hook"
-        file = "{trap-hook}"
-        "#,
+    // Open: a failing hook is skipped and the command runs.
+    let (_dir, host) = host_with(
+        "[[plugin]]\nname = \"trapper\"\nkind = \"hook\"\nfile = \"{trap-hook}\"\nfailure = \"open\"\n",
     )
     .await?;
     let key = host.admin_key().await?;
-    host.create_vm_named(&key, "m").await?;
-    let resp = host
-        .post("/vms/m/run", Some(&key), json!({"command": "echo x"}))
-        .await?;
-    assert_error(&resp, 403, "denied_by_hook");
-    assert!(
-        resp.1.to_string().contains("bomb"),
-        "the memory bomb is named: {}",
-        resp.1
-    );
-    assert_eq!(host.get("/health", None).await?.0, 200);
+    host.create_vm_named(&key, "o").await?;
+    assert_eq!(host.run_ok(&key, "o", "echo ran").await?, "ran\n");
     Ok(())
 }
 

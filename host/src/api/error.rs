@@ -92,7 +92,7 @@ impl From<SandboxError> for ApiError {
                 error!(error = %err, "runtime error");
                 (StatusCode::BAD_GATEWAY, "runtime_error")
             }
-            E::Storage(_) | E::Store(_) | E::Io(_) => return Self::internal(&err),
+            E::Storage(_) | E::Store(_) | E::Io(_) | E::Plugin(_) => return Self::internal(&err),
         };
         Self::new(status, code, message)
     }

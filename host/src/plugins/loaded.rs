@@ -164,7 +164,8 @@ fn trap(err: wasmtime::Error) -> CallError {
         Some(other) => CallError(format!("trapped: {other}")),
         // Clients see one line; the wasm backtrace that follows stays out.
         None => CallError(
-            err.to_string()
+            err.root_cause()
+                .to_string()
                 .lines()
                 .next()
                 .unwrap_or("failed")

@@ -51,6 +51,8 @@ pub enum SandboxError {
     RejectedByPolicy { plugin: String, reason: String },
     #[error("denied by hook plugin {plugin:?}: {reason}")]
     DeniedByHook { plugin: String, reason: String },
+    #[error("plugin error: {0}")]
+    Plugin(String),
     #[error("runtime {0:?} is not available; this host offers: docker")]
     RuntimeUnavailable(String),
     #[error("image {image:?} is not available: {reason}")]
@@ -314,7 +316,7 @@ impl Sandboxes {
                 })
             }
         };
-        let vetted = self.vet_command(caller, &sandbox, &mut exec)?;
+        let vetted = self.vet_command(caller, &sandbox, &mut exec).await?;
         let started = Instant::now();
         let outcome = self
             .runtime

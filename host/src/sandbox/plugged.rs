@@ -1,6 +1,10 @@
 //! Where sandbox operations meet the plugin chains: the runtime of a new
 //! sandbox comes from the policy chain, every command passes the hook chain
 //! before it runs, and the hooks hear how it ended.
+//!
+//! Plugin calls run on tokio's blocking pool: they are CPU work bounded by
+//! their deadlines, and WASI's synchronous host calls (a plugin writing to
+//! stderr, say) block on the runtime, which a runtime worker may not do.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,8 +50,13 @@ impl Sandboxes {
                 requested_runtime: request.runtime.clone(),
                 is_fork: request.from.is_some(),
             };
-            self.plugins
-                .select_runtime(&wit_request, &caller_info(caller), &candidates)
+            let plugins = Arc::clone(&self.plugins);
+            let caller = caller_info(caller);
+            tokio::task::spawn_blocking(move || {
+                plugins.select_runtime(&wit_request, &caller, &candidates)
+            })
+            .await
+            .map_err(|e| SandboxError::Plugin(format!("policy chain panicked: {e}")))?
         };
         match choice {
             RuntimeChoice::Rejected { plugin, reason } => {
@@ -69,7 +78,7 @@ impl Sandboxes {
     /// Passes a command through the before-command hooks, applying rewrites
     /// to `exec`. Returns the command as it will run, for the after hooks
     /// (None when there are no hooks).
-    pub(super) fn vet_command(
+    pub(super) async fn vet_command(
         &self,
         caller: &ApiKey,
         sandbox: &Sandbox,
@@ -86,7 +95,12 @@ impl Sandboxes {
             cwd: exec.cwd.clone(),
             timeout_ms: u64::try_from(exec.timeout.as_millis()).unwrap_or(u64::MAX),
         };
-        match self.plugins.before_command(&command, &caller_info(caller)) {
+        let plugins = Arc::clone(&self.plugins);
+        let (probe, info) = (command.clone(), caller_info(caller));
+        let verdict = tokio::task::spawn_blocking(move || plugins.before_command(&probe, &info))
+            .await
+            .map_err(|e| SandboxError::Plugin(format!("hook chain panicked: {e}")))?;
+        match verdict {
             CommandVerdict::Denied { plugin, reason } => {
                 info!(%plugin, %reason, "command denied by hook");
                 Err(SandboxError::DeniedByHook { plugin, reason })
