@@ -248,14 +248,25 @@ async fn faulty_hooks_cost_one_call() -> Result<()> {
         assert_eq!(host.get("/health", None).await?.0, 200);
     }
 
-    // Open: a failing hook is skipped and the command runs.
+    // Open: a failing hook is skipped and the command runs. With the stdio
+    // grant, what the plugin printed (its panic message) reaches the host's
+    // log under its name; without it, it goes nowhere.
     let (_dir, host) = host_with(
-        "[[plugin]]\nname = \"trapper\"\nkind = \"hook\"\nfile = \"{trap-hook}\"\nfailure = \"open\"\n",
+        "[[plugin]]\nname = \"trapper\"\nkind = \"hook\"\nfile = \"{trap-hook}\"\nfailure = \"open\"\n\
+         [plugin.grants]\nstdio = true\n",
     )
     .await?;
     let key = host.admin_key().await?;
     host.create_vm_named(&key, "o").await?;
     assert_eq!(host.run_ok(&key, "o", "echo ran").await?, "ran\n");
+    let log = host.log();
+    assert!(
+        log.lines().any(|l| l.contains("plugin=trapper")
+            && l.contains("stream=stderr")
+            && l.contains("deliberate panic")),
+        "the plugin's stderr is in the host log under its name:\n{}",
+        host.log_tail(20)
+    );
     Ok(())
 }
 

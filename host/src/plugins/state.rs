@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::p2::{IoView, WasiCtx, WasiCtxBuilder, WasiView};
+use wasmtime_wasi::p2::{
+    IoView, OutputStream, Pollable, StdoutStream, StreamResult, WasiCtx, WasiCtxBuilder, WasiView,
+};
 use wasmtime_wasi::{DirPerms, FilePerms, HostMonotonicClock, HostWallClock};
 
 use super::bindings::{config, host};
@@ -35,6 +37,9 @@ impl PluginIdentity {
     }
 }
 
+/// Longest line kept from a plugin's stdout or stderr.
+const MAX_LINE: usize = 16 * 1024;
+
 pub struct PluginState {
     identity: PluginIdentity,
     wasi: WasiCtx,
@@ -45,9 +50,11 @@ pub struct PluginState {
 impl PluginState {
     pub fn new(identity: &PluginIdentity) -> Result<Self, PluginError> {
         Ok(Self {
-            wasi: wasi_context(&identity.grants).map_err(|reason| PluginError::Grant {
-                plugin: identity.name.to_string(),
-                reason,
+            wasi: wasi_context(&identity.name, &identity.grants).map_err(|reason| {
+                PluginError::Grant {
+                    plugin: identity.name.to_string(),
+                    reason,
+                }
             })?,
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
@@ -65,10 +72,18 @@ impl PluginState {
 
 /// WASI with only what the grants allow: by default no files, no
 /// environment, no arguments, no network, stdio discarded and clocks at zero.
-fn wasi_context(grants: &Grants) -> Result<WasiCtx, String> {
+fn wasi_context(plugin: &Arc<str>, grants: &Grants) -> Result<WasiCtx, String> {
     let mut builder = WasiCtxBuilder::new();
     if grants.stdio {
-        builder.inherit_stdout().inherit_stderr();
+        builder
+            .stdout(LogStream {
+                plugin: plugin.clone(),
+                stream: "stdout",
+            })
+            .stderr(LogStream {
+                plugin: plugin.clone(),
+                stream: "stderr",
+            });
     }
     for (key, value) in &grants.env {
         builder.env(key, value);
@@ -82,6 +97,81 @@ fn wasi_context(grants: &Grants) -> Result<WasiCtx, String> {
         builder.wall_clock(FrozenClock).monotonic_clock(FrozenClock);
     }
     Ok(builder.build())
+}
+
+/// A plugin's stdout or stderr (with the `stdio` grant): every line becomes
+/// an entry of the host's log tagged with the plugin's name.
+struct LogStream {
+    plugin: Arc<str>,
+    stream: &'static str,
+}
+
+impl StdoutStream for LogStream {
+    fn stream(&self) -> Box<dyn OutputStream> {
+        Box::new(LogWriter {
+            plugin: self.plugin.clone(),
+            stream: self.stream,
+            pending: Vec::new(),
+        })
+    }
+
+    fn isatty(&self) -> bool {
+        false
+    }
+}
+
+struct LogWriter {
+    plugin: Arc<str>,
+    stream: &'static str,
+    pending: Vec<u8>,
+}
+
+impl LogWriter {
+    fn emit(&mut self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end();
+        if !text.is_empty() {
+            tracing::info!(plugin = %self.plugin, stream = %self.stream, "{text}");
+        }
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for LogWriter {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for LogWriter {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.pending.extend_from_slice(&bytes);
+        while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            self.emit(&line);
+        }
+        if self.pending.len() > MAX_LINE {
+            let line = std::mem::take(&mut self.pending);
+            self.emit(&line);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        if !self.pending.is_empty() {
+            let line = std::mem::take(&mut self.pending);
+            self.emit(&line);
+        }
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(MAX_LINE)
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
 }
 
 /// The clock of a plugin without the `clock` grant: time stands still at 0.
