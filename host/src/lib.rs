@@ -9,6 +9,8 @@
 //! - [`runtimes`]: what runs sandboxes (Docker)
 //! - [`btrfs`]: subvolume and snapshot ioctls
 //! - [`names`]: validation of names that reach paths and commands
+//! - [`s3`]: the S3 client for exported snapshots
+//! - [`transfer`]: snapshot export and import jobs
 
 pub mod api;
 pub mod auth;
@@ -16,5 +18,7 @@ pub mod btrfs;
 pub mod config;
 pub mod names;
 pub mod runtimes;
+pub mod s3;
 pub mod sandbox;
 pub mod store;
+pub mod transfer;
