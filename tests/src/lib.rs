@@ -539,6 +539,23 @@ fn tail_of_file(path: &Path, lines: usize) -> String {
     }
 }
 
+/// An `Authorization` header of the right shape; moto does not check the signature.
+const S3_DUMMY_AUTH: &str = "AWS4-HMAC-SHA256 Credential=e2e/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0000";
+
+fn s3_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_static(S3_DUMMY_AUTH),
+    );
+    reqwest::Client::builder()
+        .no_proxy()
+        .default_headers(headers)
+        .timeout(Duration::from_secs(600))
+        .build()
+        .expect("building reqwest client")
+}
+
 fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
@@ -1228,7 +1245,9 @@ pub fn obj(pairs: &[(&str, &str)]) -> Value {
 
 /// A throwaway S3-compatible server on 127.0.0.1 (moto's `moto_server`, installed by
 /// `scripts/setup.sh`; `MOTO_SERVER` names another binary) with one bucket. It keeps
-/// objects in memory and accepts any credentials. Killed on drop.
+/// objects in memory and accepts any credentials without checking signatures (the
+/// harness's own requests carry a dummy `Authorization` so that they are not anonymous).
+/// Killed on drop.
 pub struct S3Server {
     child: Child,
     port: u16,
@@ -1260,7 +1279,7 @@ impl S3Server {
             child,
             port,
             bucket: format!("e2e-{}", uuid::Uuid::new_v4().simple()),
-            client: http_client(),
+            client: s3_client(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

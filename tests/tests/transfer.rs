@@ -275,7 +275,8 @@ async fn corrupt_truncated_and_foreign_objects_are_rejected_leaving_nothing() ->
     // Bytes flipped in the middle, same size.
     let mut corrupt = original.clone();
     let mid = corrupt.len() / 2;
-    for b in &mut corrupt[mid..mid + 64.min(corrupt.len() - mid)] {
+    let end = mid + 64.min(corrupt.len() - mid);
+    for b in &mut corrupt[mid..end] {
         *b ^= 0x5a;
     }
     s3.put(stream_key, corrupt).await?;
