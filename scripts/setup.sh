@@ -6,8 +6,8 @@
 #      root on that Btrfs, --storage-driver btrfs and no networking of its own
 #      (--bridge=none --iptables=false --ip6tables=false);
 #   4. builds a small local base image when DOCKER_IMAGE cannot be pulled;
-#   5. installs moto's S3-compatible server (moto_server), which the snapshot
-#      transfer tests start on 127.0.0.1, into a virtualenv unless it is on PATH.
+#   5. installs moto's S3-compatible server (moto_server, pinned), which the
+#      snapshot transfer tests start on 127.0.0.1, into a virtualenv.
 # Prints the `export DOCKER_HOST=...` line that the service needs, and the
 # `export MOTO_SERVER=...` line of the tests, last.
 set -euo pipefail
@@ -77,14 +77,16 @@ if ! docker image inspect "$DOCKER_IMAGE" >/dev/null 2>&1; then
     ./scripts/build-base-image.sh "$DOCKER_IMAGE"
   fi
 fi
-MOTO_VERSION=5.2.1
+# moto 5.0.x: from 5.1 on, moto answers CompleteMultipartUpload with a
+# <CompleteMultipartUploadResponse> root that aws-sdk-s3 refuses. (s3s-fs, the
+# Rust alternative, needs rustc 1.96 from 0.16 on.) MOTO_SERVER overrides.
+MOTO_VERSION=5.0.28
 MOTO_VENV=/var/cache/opensandbox/moto-$MOTO_VERSION
-if command -v moto_server >/dev/null; then
-  MOTO_SERVER=$(command -v moto_server)
-else
+if [ -z "${MOTO_SERVER:-}" ]; then
   MOTO_SERVER=$MOTO_VENV/bin/moto_server
   if [ ! -x "$MOTO_SERVER" ]; then
     log "installing moto[server]==$MOTO_VERSION into $MOTO_VENV (the S3 server of the tests)"
+    as_root mkdir -p /var/cache/opensandbox
     as_root python3 -m venv "$MOTO_VENV"
     as_root "$MOTO_VENV/bin/pip" install -q "moto[server]==$MOTO_VERSION" >&2
   fi

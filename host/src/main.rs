@@ -15,8 +15,8 @@ use uuid::Uuid;
 use opensandbox::config::{Cli, Command, ServeConfig};
 use opensandbox::runtimes::docker::{DockerRuntime, DockerSettings};
 use opensandbox::runtimes::Runtime;
-use opensandbox::sandbox::{RunLimits, Sandboxes, SnapshotPaths};
 use opensandbox::s3::ObjectStore;
+use opensandbox::sandbox::{RunLimits, Sandboxes, SnapshotPaths};
 use opensandbox::transfer::Transfers;
 use opensandbox::{api, store};
 

@@ -1355,7 +1355,12 @@ impl S3Server {
     }
 
     pub async fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
-        let r = self.client.put(self.bucket_url(key)).body(data).send().await?;
+        let r = self
+            .client
+            .put(self.bucket_url(key))
+            .body(data)
+            .send()
+            .await?;
         if !r.status().is_success() {
             bail!("PUT {key}: {}", r.status());
         }

@@ -141,7 +141,10 @@ async fn round_trip_restores_files_exactly_on_this_and_another_host() -> Result<
     host.snapshot(&key, "src", "s1").await?;
 
     let done = export_ok(&host, &key, "src", "s1").await?;
-    let object_key = done["object_key"].as_str().context("object_key")?.to_string();
+    let object_key = done["object_key"]
+        .as_str()
+        .context("object_key")?
+        .to_string();
     assert!(object_key.starts_with(PREFIX), "{done}");
     assert!(done["bytes_done"].as_u64().unwrap_or(0) > 0, "{done}");
     let keys = s3.keys(PREFIX).await?;
@@ -224,9 +227,14 @@ async fn incremental_export_sends_only_the_difference() -> Result<()> {
         incr_size * 10 < full_size,
         "incremental {incr_size} is not a small fraction of full {full_size}"
     );
-    assert!(incr_size > 1_000_000, "the 1 MiB must be in it: {incr_size}");
-    let manifest: Value =
-        serde_json::from_slice(&s3.get(incr["object_key"].as_str().unwrap_or_default()).await?)?;
+    assert!(
+        incr_size > 1_000_000,
+        "the 1 MiB must be in it: {incr_size}"
+    );
+    let manifest: Value = serde_json::from_slice(
+        &s3.get(incr["object_key"].as_str().unwrap_or_default())
+            .await?,
+    )?;
     assert_eq!(manifest["parent"], full["object_key"], "{manifest}");
     let chain = manifest["chain"].as_array().context("chain")?;
     assert_eq!(chain.len(), 2, "{manifest}");
@@ -248,7 +256,10 @@ async fn corrupt_truncated_and_foreign_objects_are_rejected_leaving_nothing() ->
     host.run_ok(&key, "a", "mkdir -p /data && echo x > /data/x")
         .await?;
     let done = export_ok(&host, &key, "a", "initial").await?;
-    let object_key = done["object_key"].as_str().context("object_key")?.to_string();
+    let object_key = done["object_key"]
+        .as_str()
+        .context("object_key")?
+        .to_string();
     let manifest: Value = serde_json::from_slice(&s3.get(&object_key).await?)?;
     let stream_key = manifest["stream"]["key"].as_str().context("stream key")?;
     let original = s3.get(stream_key).await?;
@@ -332,7 +343,10 @@ async fn export_interrupted_by_a_killed_host_leaves_no_object() -> Result<()> {
         if body["state"] == "running" && body["bytes_done"].as_u64().unwrap_or(0) > 0 {
             break;
         }
-        assert_ne!(body["state"], "succeeded", "the export ended too soon: {body}");
+        assert_ne!(
+            body["state"], "succeeded",
+            "the export ended too soon: {body}"
+        );
         assert_ne!(body["state"], "failed", "{body}");
         if Instant::now() > deadline {
             bail!("the export did not start uploading: {body}");
@@ -347,7 +361,11 @@ async fn export_interrupted_by_a_killed_host_leaves_no_object() -> Result<()> {
     let (_, body) = host.get(&format!("/jobs/{id}"), Some(&key)).await?;
     assert_eq!(body["state"], "failed", "{body}");
     assert_eq!(body["error"]["code"], "interrupted", "{body}");
-    assert_eq!(s3.uploads().await?, Vec::<String>::new(), "aborted at start-up");
+    assert_eq!(
+        s3.uploads().await?,
+        Vec::<String>::new(),
+        "aborted at start-up"
+    );
     assert_eq!(s3.keys(PREFIX).await?, Vec::<String>::new());
 
     // The next export works.

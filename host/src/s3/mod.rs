@@ -220,10 +220,7 @@ impl ObjectStore {
             .send()
             .await
             .map_err(|err| {
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_no_such_key())
-                {
+                if err.as_service_error().is_some_and(|e| e.is_no_such_key()) {
                     S3Error::NotFound(key.to_string())
                 } else {
                     request_error("GetObject")(err)

@@ -561,7 +561,12 @@ impl Sandboxes {
         }
     }
 
-    async fn build_imported(&self, sandbox: &Sandbox, snapshot: &str, received: &Path) -> Result<()> {
+    async fn build_imported(
+        &self,
+        sandbox: &Sandbox,
+        snapshot: &str,
+        received: &Path,
+    ) -> Result<()> {
         let instance = self
             .runtime
             .create(&InstanceSpec {

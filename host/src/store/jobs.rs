@@ -155,14 +155,18 @@ impl Store {
         Ok(())
     }
 
-    /// Updates only the byte count of a running job.
+    /// Updates only the byte count of a job that has not ended (a late
+    /// progress write never overwrites the final count).
     pub async fn set_job_progress(&self, id: Uuid, done: u64) -> Result<()> {
-        sqlx::query("UPDATE jobs SET bytes_done = ?, updated_at = ? WHERE id = ?")
-            .bind(to_i64(done))
-            .bind(fmt_time(Utc::now()))
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE jobs SET bytes_done = ?, updated_at = ?
+             WHERE id = ? AND state IN ('queued', 'running')",
+        )
+        .bind(to_i64(done))
+        .bind(fmt_time(Utc::now()))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -68,9 +68,8 @@ pub struct ForeignManifest(pub String);
 impl Manifest {
     /// Parses and checks a manifest read from the bucket.
     pub fn parse(data: &[u8], runtime: &str) -> Result<Self, ForeignManifest> {
-        let manifest: Manifest = serde_json::from_slice(data).map_err(|e| {
-            ForeignManifest(format!("not an OpenSandbox snapshot manifest: {e}"))
-        })?;
+        let manifest: Manifest = serde_json::from_slice(data)
+            .map_err(|e| ForeignManifest(format!("not an OpenSandbox snapshot manifest: {e}")))?;
         if manifest.format != FORMAT {
             return Err(ForeignManifest(format!(
                 "not an OpenSandbox snapshot manifest (format {:?})",
