@@ -407,7 +407,7 @@ async fn measure_transfer(host: &Host, n: usize) -> Result<Vec<Row>> {
     let snap =
         sandbox_dir(&host.host_id()?, vm["id"].as_str().unwrap_or_default()).join("snapshots/full");
 
-    progress("transfer: btrfs send | zstd > /dev/null");
+    progress("transfer: btrfs send piped into zstd");
     let mut s = Vec::new();
     for _ in 0..n {
         let t = Instant::now();
@@ -503,7 +503,7 @@ async fn measure_transfer(host: &Host, n: usize) -> Result<Vec<Row>> {
     });
     rows.push(Row {
         op: format!(
-            "baseline: `btrfs send | zstd > /dev/null` (p50 {:.0} MiB/s)",
+            "baseline: `btrfs send` piped into `zstd > /dev/null` (p50 {:.0} MiB/s)",
             mib_per_s(gib, baseline.p50())
         ),
         ..baseline
