@@ -5,8 +5,11 @@
 #   3. starts our own dockerd (socket /run/opensandbox/docker.sock) with its data
 #      root on that Btrfs, --storage-driver btrfs and no networking of its own
 #      (--bridge=none --iptables=false --ip6tables=false);
-#   4. builds a small local base image when DOCKER_IMAGE cannot be pulled.
-# Prints the `export DOCKER_HOST=...` line that the service needs, last.
+#   4. builds a small local base image when DOCKER_IMAGE cannot be pulled;
+#   5. installs moto's S3-compatible server (moto_server, pinned), which the
+#      snapshot transfer tests start on 127.0.0.1, into a virtualenv.
+# Prints the `export DOCKER_HOST=...` line that the service needs, and the
+# `export MOTO_SERVER=...` line of the tests, last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f .env ] && set -a && . ./.env && set +a
@@ -28,6 +31,8 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v tini >/dev/null || need+=(tini)
 command -v curl >/dev/null || need+=(curl)
 command -v zstd >/dev/null || need+=(zstd)
+command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   as_root apt-get update -qq
@@ -72,5 +77,20 @@ if ! docker image inspect "$DOCKER_IMAGE" >/dev/null 2>&1; then
     ./scripts/build-base-image.sh "$DOCKER_IMAGE"
   fi
 fi
+# moto 5.0.x: from 5.1 on, moto answers CompleteMultipartUpload with a
+# <CompleteMultipartUploadResponse> root that aws-sdk-s3 refuses. (s3s-fs, the
+# Rust alternative, needs rustc 1.96 from 0.16 on.) MOTO_SERVER overrides.
+MOTO_VERSION=5.0.28
+MOTO_VENV=/var/cache/opensandbox/moto-$MOTO_VERSION
+if [ -z "${MOTO_SERVER:-}" ]; then
+  MOTO_SERVER=$MOTO_VENV/bin/moto_server
+  if [ ! -x "$MOTO_SERVER" ]; then
+    log "installing moto[server]==$MOTO_VERSION into $MOTO_VENV (the S3 server of the tests)"
+    as_root mkdir -p /var/cache/opensandbox
+    as_root python3 -m venv "$MOTO_VENV"
+    as_root "$MOTO_VENV/bin/pip" install -q "moto[server]==$MOTO_VERSION" >&2
+  fi
+fi
 log "ready"
 echo "export DOCKER_HOST=$DOCKER_HOST"
+echo "export MOTO_SERVER=$MOTO_SERVER"

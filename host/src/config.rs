@@ -148,6 +148,35 @@ pub struct ServeConfig {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub run_max_timeout_ms: u64,
+
+    /// S3 bucket for snapshot export and import; unset turns those endpoints off
+    /// (they answer 503 `s3_not_configured`). Credentials come from the standard
+    /// AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, instance roles).
+    #[arg(long, env = "S3_BUCKET", value_name = "S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// Region of S3_BUCKET.
+    #[arg(
+        long,
+        env = "S3_REGION",
+        value_name = "S3_REGION",
+        default_value = "us-east-1"
+    )]
+    pub s3_region: String,
+
+    /// Prefix of every object this host writes to S3_BUCKET.
+    #[arg(
+        long,
+        env = "S3_PREFIX",
+        value_name = "S3_PREFIX",
+        default_value = "snapshots/"
+    )]
+    pub s3_prefix: String,
+
+    /// Endpoint of an S3-compatible server (e.g. http://127.0.0.1:9000); when set,
+    /// requests use path-style addressing.
+    #[arg(long, env = "S3_ENDPOINT", value_name = "S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
 }
 
 /// A configuration that parsed but cannot be served; names the variable.
@@ -159,6 +188,10 @@ pub enum ConfigError {
     RuntimeUnavailable(&'static str),
     #[error("DOCKER_IMAGE={0:?} is not a valid image reference")]
     InvalidImage(String),
+    #[error("S3_BUCKET={0:?} is not a valid bucket name")]
+    InvalidBucket(String),
+    #[error("S3_ENDPOINT={0:?} must start with http:// or https://")]
+    InvalidEndpoint(String),
 }
 
 impl ServeConfig {
@@ -178,6 +211,20 @@ impl ServeConfig {
         if crate::names::validate_image(&self.docker_image).is_err() {
             return Err(ConfigError::InvalidImage(self.docker_image.clone()));
         }
+        if let Some(bucket) = &self.s3_bucket {
+            let ok = (3..=63).contains(&bucket.len())
+                && bucket
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+            if !ok {
+                return Err(ConfigError::InvalidBucket(bucket.clone()));
+            }
+        }
+        if let Some(endpoint) = &self.s3_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(ConfigError::InvalidEndpoint(endpoint.clone()));
+            }
+        }
         Ok(())
     }
 
@@ -187,6 +234,16 @@ impl ServeConfig {
 
     pub fn max_timeout(&self) -> Duration {
         Duration::from_millis(self.run_max_timeout_ms)
+    }
+
+    /// The S3 settings, when S3_BUCKET is set.
+    pub fn s3(&self) -> Option<crate::s3::S3Settings> {
+        self.s3_bucket.as_ref().map(|bucket| crate::s3::S3Settings {
+            bucket: bucket.clone(),
+            region: self.s3_region.clone(),
+            prefix: self.s3_prefix.clone(),
+            endpoint: self.s3_endpoint.clone(),
+        })
     }
 }
 

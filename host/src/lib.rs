@@ -10,6 +10,8 @@
 //! - [`btrfs`]: subvolume and snapshot ioctls
 //! - [`plugins`]: the Wasm plugin platform (policies and command hooks)
 //! - [`names`]: validation of names that reach paths and commands
+//! - [`s3`]: the S3 client for exported snapshots
+//! - [`transfer`]: snapshot export and import jobs
 
 pub mod api;
 pub mod auth;
@@ -18,5 +20,7 @@ pub mod config;
 pub mod names;
 pub mod plugins;
 pub mod runtimes;
+pub mod s3;
 pub mod sandbox;
 pub mod store;
+pub mod transfer;

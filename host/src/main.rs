@@ -16,7 +16,9 @@ use opensandbox::config::{Cli, Command, ServeConfig};
 use opensandbox::plugins::PluginChain;
 use opensandbox::runtimes::docker::{DockerRuntime, DockerSettings};
 use opensandbox::runtimes::Runtime;
+use opensandbox::s3::ObjectStore;
 use opensandbox::sandbox::{RunLimits, Sandboxes, SnapshotPaths};
+use opensandbox::transfer::Transfers;
 use opensandbox::{api, store};
 
 fn main() -> ExitCode {
@@ -91,6 +93,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         warn!(error = %err, "DOCKER_IMAGE is not available; creating sandboxes with the default image will fail until it is");
     }
     let runtime: Arc<dyn Runtime> = Arc::new(docker);
+    let runtime_name = runtime.name();
     let limits = RunLimits {
         default_timeout: config.default_timeout(),
         max_timeout: config.max_timeout(),
@@ -109,7 +112,29 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .context("start-up recovery failed")?;
 
-    let app = api::router(api::AppState { store, sandboxes });
+    let s3 = match config.s3() {
+        Some(settings) => {
+            info!(bucket = %settings.bucket, prefix = %settings.prefix, "snapshot export and import to S3 enabled");
+            Some(ObjectStore::connect(&settings).await)
+        }
+        None => None,
+    };
+    let transfers = Arc::new(Transfers::new(
+        store.clone(),
+        Arc::clone(&sandboxes),
+        s3,
+        runtime_name,
+    ));
+    transfers
+        .recover()
+        .await
+        .context("start-up recovery of transfer jobs failed")?;
+
+    let app = api::router(api::AppState {
+        store,
+        sandboxes,
+        transfers,
+    });
     let addr = SocketAddr::new(config.host, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await

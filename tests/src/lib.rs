@@ -54,6 +54,10 @@ const HOST_CONFIG_VARS: &[&str] = &[
     "RUN_TIMEOUT_MS",
     "RUN_MAX_TIMEOUT_MS",
     "RUST_LOG",
+    "S3_BUCKET",
+    "S3_REGION",
+    "S3_PREFIX",
+    "S3_ENDPOINT",
 ];
 
 // ---------------------------------------------------------------------------
@@ -533,6 +537,23 @@ fn tail_of_file(path: &Path, lines: usize) -> String {
         }
         Err(e) => format!("(cannot read {}: {e})", path.display()),
     }
+}
+
+/// An `Authorization` header of the right shape; moto does not check the signature.
+const S3_DUMMY_AUTH: &str = "AWS4-HMAC-SHA256 Credential=e2e/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0000";
+
+fn s3_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_static(S3_DUMMY_AUTH),
+    );
+    reqwest::Client::builder()
+        .no_proxy()
+        .default_headers(headers)
+        .timeout(Duration::from_secs(600))
+        .build()
+        .expect("building reqwest client")
 }
 
 fn http_client() -> reqwest::Client {
@@ -1216,4 +1237,156 @@ pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
 pub fn obj(pairs: &[(&str, &str)]) -> Value {
     let m: BTreeMap<&str, &str> = pairs.iter().copied().collect();
     json!(m)
+}
+
+// ---------------------------------------------------------------------------
+// S3-compatible server
+// ---------------------------------------------------------------------------
+
+/// A throwaway S3-compatible server on 127.0.0.1 (moto's `moto_server`, installed by
+/// `scripts/setup.sh`; `MOTO_SERVER` names another binary) with one bucket. It keeps
+/// objects in memory and accepts any credentials without checking signatures (the
+/// harness's own requests carry a dummy `Authorization` so that they are not anonymous).
+/// Killed on drop.
+pub struct S3Server {
+    child: Child,
+    port: u16,
+    bucket: String,
+    client: reqwest::Client,
+}
+
+impl S3Server {
+    /// Starts the server and creates the bucket.
+    pub async fn start() -> Result<Self> {
+        let bin = env_or("MOTO_SERVER", "moto_server");
+        let port = free_port()?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {bin} (scripts/setup.sh installs it)"))?;
+        let server = S3Server {
+            child,
+            port,
+            bucket: format!("e2e-{}", uuid::Uuid::new_v4().simple()),
+            client: s3_client(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = server.client.get(server.endpoint()).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("{bin} did not answer on port {port} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let r = server.client.put(server.bucket_url("")).send().await?;
+        if !r.status().is_success() {
+            bail!("creating bucket {}: {}", server.bucket, r.status());
+        }
+        Ok(server)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn bucket_url(&self, key: &str) -> String {
+        format!("{}/{}/{}", self.endpoint(), self.bucket, key)
+    }
+
+    /// Environment for a host that exports to this server under `prefix`.
+    pub fn host_env(&self, prefix: &str) -> Vec<(String, String)> {
+        [
+            ("S3_BUCKET", self.bucket.as_str()),
+            ("S3_ENDPOINT", &self.endpoint()),
+            ("S3_PREFIX", prefix),
+            ("S3_REGION", "us-east-1"),
+            ("AWS_ACCESS_KEY_ID", "e2e"),
+            ("AWS_SECRET_ACCESS_KEY", "e2e-secret"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Keys of the visible objects under `prefix`.
+    pub async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let url = format!(
+            "{}/{}?list-type=2&prefix={}",
+            self.endpoint(),
+            self.bucket,
+            enc(prefix)
+        );
+        let text = self.client.get(url).send().await?.text().await?;
+        Ok(xml_values(&text, "Key"))
+    }
+
+    /// Ids of the multipart uploads in progress.
+    pub async fn uploads(&self) -> Result<Vec<String>> {
+        let url = format!("{}/{}?uploads", self.endpoint(), self.bucket);
+        let text = self.client.get(url).send().await?.text().await?;
+        Ok(xml_values(&text, "UploadId"))
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let r = self.client.get(self.bucket_url(key)).send().await?;
+        if !r.status().is_success() {
+            bail!("GET {key}: {}", r.status());
+        }
+        Ok(r.bytes().await?.to_vec())
+    }
+
+    pub async fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
+        let r = self
+            .client
+            .put(self.bucket_url(key))
+            .body(data)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("PUT {key}: {}", r.status());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The text of every `<tag>...</tag>` in an XML document (no nesting, no escapes
+/// beyond what S3 keys of ours use).
+fn xml_values(xml: &str, tag: &str) -> Vec<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find(&open) {
+        rest = &rest[start + open.len()..];
+        let Some(end) = rest.find(&close) else { break };
+        out.push(rest[..end].to_string());
+        rest = &rest[end + close.len()..];
+    }
+    out
 }

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 use crate::auth::AuthError;
 use crate::sandbox::SandboxError;
 use crate::store::StoreError;
+use crate::transfer::TransferError;
 
 /// Error body of every failed call.
 #[derive(Debug, Serialize, ToSchema)]
@@ -95,6 +96,23 @@ impl From<SandboxError> for ApiError {
             E::Storage(_) | E::Store(_) | E::Io(_) | E::Plugin(_) => return Self::internal(&err),
         };
         Self::new(status, code, message)
+    }
+}
+
+impl From<TransferError> for ApiError {
+    fn from(err: TransferError) -> Self {
+        use TransferError as E;
+        match err {
+            E::NotConfigured => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "s3_not_configured",
+                err.to_string(),
+            ),
+            E::JobNotFound(_) => Self::new(StatusCode::NOT_FOUND, "job_not_found", err.to_string()),
+            E::InvalidRequest(_) => Self::invalid_request(err.to_string()),
+            E::Sandbox(e) => e.into(),
+            E::Store(e) => Self::internal(&e),
+        }
     }
 }
 

@@ -1,11 +1,12 @@
 //! The HTTP API: routes, shared state and the layers every request passes
 //! (request id, tracing span, body limit, JSON errors). Handlers live in
-//! [`keys`] and [`vms`]; they decode, call the service, encode.
+//! [`keys`], [`vms`] and [`transfers`]; they decode, call the service, encode.
 
 mod error;
 mod extract;
 mod keys;
 mod openapi;
+mod transfers;
 mod vms;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::sandbox::Sandboxes;
 use crate::store::Store;
+use crate::transfer::Transfers;
 
 pub use error::ApiError;
 
@@ -29,6 +31,7 @@ const BODY_LIMIT: usize = 1024 * 1024;
 pub struct AppState {
     pub store: Store,
     pub sandboxes: Arc<Sandboxes>,
+    pub transfers: Arc<Transfers>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -50,6 +53,12 @@ pub fn router(state: AppState) -> Router {
             delete(vms::delete_snapshot),
         )
         .route("/vms/{name}/restore", post(vms::restore))
+        .route(
+            "/vms/{name}/snapshots/{snapshot}/export",
+            post(transfers::export),
+        )
+        .route("/snapshots/import", post(transfers::import))
+        .route("/jobs/{id}", get(transfers::get_job))
         .fallback(route_not_found)
         .with_state(state)
         .layer(middleware::from_fn(error::json_errors))

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{error, keys, vms};
+use super::{error, keys, transfers, vms};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,6 +14,7 @@ use super::{error, keys, vms};
         keys::create, keys::list, keys::revoke,
         vms::create, vms::list, vms::get, vms::delete, vms::run,
         vms::list_snapshots, vms::create_snapshot, vms::delete_snapshot, vms::restore,
+        transfers::export, transfers::import, transfers::get_job,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&ApiKeyHeader)

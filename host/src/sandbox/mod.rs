@@ -10,7 +10,7 @@ mod plugged;
 pub mod recovery;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -484,6 +484,130 @@ impl Sandboxes {
             .filter(|s| s.id == id)
             .ok_or_else(|| SandboxError::VmNotFound(name.to_string()))?;
         Ok((sandbox, guard))
+    }
+
+    /// The read-only subvolume of one of the owner's snapshots, with the
+    /// sandbox's lock held so that the snapshot stays while it is read (an export).
+    pub async fn snapshot_for_export(
+        &self,
+        owner: Uuid,
+        vm: &str,
+        snapshot: &str,
+    ) -> Result<(Sandbox, PathBuf, tokio::sync::OwnedMutexGuard<()>)> {
+        names::validate_resource_name("snapshot", snapshot)?;
+        let (sandbox, guard) = self.lock(owner, vm).await?;
+        if self
+            .store
+            .get_snapshot(sandbox.id, snapshot)
+            .await?
+            .is_none()
+        {
+            return Err(SandboxError::SnapshotNotFound(snapshot.to_string()));
+        }
+        let path = self.paths.snapshot(sandbox.id, snapshot);
+        Ok((sandbox, path, guard))
+    }
+
+    /// Where a snapshot of a sandbox lives (whether or not it exists).
+    pub fn snapshot_path(&self, sandbox: Uuid, snapshot: &str) -> PathBuf {
+        self.paths.snapshot(sandbox, snapshot)
+    }
+
+    pub fn paths(&self) -> &SnapshotPaths {
+        &self.paths
+    }
+
+    /// Checks that an import may create `name` with `image` before the
+    /// transfer starts, so that the obvious refusals come back at once.
+    pub async fn check_import(&self, owner: Uuid, name: &str) -> Result<()> {
+        names::validate_resource_name("sandbox", name)?;
+        if self.store.get_sandbox(owner, name).await?.is_some() {
+            return Err(SandboxError::VmExists(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Creates a sandbox from a received, read-only subvolume: the container
+    /// is created from `image`, its root is swapped for a writable snapshot of
+    /// `received` before its first start, and the sandbox gets the snapshots
+    /// `snapshot` (the received one) and `initial`. Undone on failure.
+    #[instrument(skip(self, owner, received))]
+    pub async fn import(
+        &self,
+        owner: Uuid,
+        name: &str,
+        image: &str,
+        snapshot: &str,
+        received: &Path,
+    ) -> Result<Sandbox> {
+        names::validate_resource_name("sandbox", name)?;
+        names::validate_resource_name("snapshot", snapshot)?;
+        names::validate_image(image)?;
+        self.runtime.ensure_image(image).await?;
+        let sandbox = self
+            .store
+            .insert_sandbox(&NewSandbox {
+                owner_key_id: owner,
+                name: name.to_string(),
+                image: image.to_string(),
+                runtime: self.runtime.name().to_string(),
+                env: BTreeMap::new(),
+                labels: BTreeMap::new(),
+                forked_from: None,
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict => SandboxError::VmExists(name.to_string()),
+                other => other.into(),
+            })?;
+        let _guard = self.locks.lock(sandbox.id).await;
+        match self.build_imported(&sandbox, snapshot, received).await {
+            Ok(()) => {
+                info!(id = %sandbox.id, "sandbox imported");
+                self.get(owner, name).await
+            }
+            Err(err) => {
+                warn!(id = %sandbox.id, error = %err, "import failed, cleaning up");
+                if let Err(cleanup) = self.destroy(&sandbox).await {
+                    warn!(id = %sandbox.id, error = %cleanup, "cleanup after failed import failed; recovery will retry");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn build_imported(
+        &self,
+        sandbox: &Sandbox,
+        snapshot: &str,
+        received: &Path,
+    ) -> Result<()> {
+        let instance = self
+            .runtime
+            .create(&InstanceSpec {
+                sandbox_id: sandbox.id,
+                hostname: sandbox.name.clone(),
+                image: sandbox.image.clone(),
+                env: sandbox.env.clone(),
+            })
+            .await?;
+        self.store
+            .set_instance(sandbox.id, &instance.id, &instance.rootfs)
+            .await?;
+        tokio::fs::create_dir_all(self.paths.snapshots_dir(sandbox.id)).await?;
+        let named = self.paths.snapshot(sandbox.id, snapshot);
+        btrfs::snapshot_async(received.to_path_buf(), named.clone(), true).await?;
+        self.store.insert_snapshot(sandbox.id, snapshot).await?;
+        replace_rootfs(&instance.rootfs, &named).await?;
+        if snapshot != INITIAL_SNAPSHOT {
+            self.take_snapshot(sandbox.id, &instance.rootfs, INITIAL_SNAPSHOT)
+                .await?;
+        }
+        self.runtime.start(&instance.id).await?;
+        self.store
+            .set_state(sandbox.id, SandboxState::Running, None)
+            .await?;
+        Ok(())
     }
 
     fn rootfs_of<'a>(&self, sandbox: &'a Sandbox) -> Result<&'a Path> {

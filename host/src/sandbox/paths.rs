@@ -1,5 +1,6 @@
 //! Where a host keeps its snapshots on the Btrfs filesystem:
-//! `<DOCKER_BTRFS_PATH>/opensandbox/hosts/<host id>/sandboxes/<sandbox id>/snapshots/<name>`.
+//! `<DOCKER_BTRFS_PATH>/opensandbox/hosts/<host id>/sandboxes/<sandbox id>/snapshots/<name>`,
+//! and imports being received under `.../hosts/<host id>/staging/<job id>`.
 //! The host id keeps several hosts sharing one filesystem out of each other's
 //! way; names reaching these paths are validated before they get here.
 
@@ -10,15 +11,17 @@ use uuid::Uuid;
 #[derive(Debug, Clone)]
 pub struct SnapshotPaths {
     sandboxes: PathBuf,
+    staging: PathBuf,
 }
 
 impl SnapshotPaths {
     pub fn new(btrfs_root: &Path, host_id: Uuid) -> Self {
+        let host = btrfs_root
+            .join("opensandbox/hosts")
+            .join(host_id.to_string());
         Self {
-            sandboxes: btrfs_root
-                .join("opensandbox/hosts")
-                .join(host_id.to_string())
-                .join("sandboxes"),
+            sandboxes: host.join("sandboxes"),
+            staging: host.join("staging"),
         }
     }
 
@@ -37,5 +40,15 @@ impl SnapshotPaths {
 
     pub fn snapshot(&self, sandbox: Uuid, name: &str) -> PathBuf {
         self.snapshots_dir(sandbox).join(name)
+    }
+
+    /// The folder of every import in progress (`staging/<job id>`).
+    pub fn staging_root(&self) -> &Path {
+        &self.staging
+    }
+
+    /// Where an import job receives its stream chain before anything is visible.
+    pub fn staging(&self, job: Uuid) -> PathBuf {
+        self.staging.join(job.to_string())
     }
 }

@@ -1,8 +1,9 @@
-//! The store: API keys, sandboxes and snapshots in SQLite through sqlx, with
+//! The store: API keys, sandboxes, snapshots and transfer jobs in SQLite through sqlx, with
 //! embedded migrations. Callers see only the domain types below and
 //! [`StoreError`], never SQL or sqlx types, so a PostgreSQL store can later
 //! implement the same methods without touching the API layer.
 
+mod jobs;
 mod models;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 use uuid::Uuid;
 
+pub use jobs::{Job, JobKind, JobState};
 pub use models::{ApiKey, ForkSource, NewSandbox, Sandbox, SandboxState, Snapshot};
 
 #[derive(Debug, thiserror::Error)]

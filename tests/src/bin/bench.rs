@@ -17,27 +17,36 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use opensandbox_e2e::{
-    btrfs_path, docker, docker_host, docker_image, json, workspace_root, Host, HostOptions,
+    btrfs_path, docker, docker_host, docker_image, json, sandbox_dir, workspace_root, Host,
+    HostOptions, S3Server, Value,
 };
 
 const DEFAULT_RUNS: usize = 50;
 
 struct Args {
     runs: usize,
+    /// Also measure snapshot export/import through S3 (a local moto server).
+    transfer: bool,
+    /// Only the transfer rows.
+    transfer_only: bool,
 }
 
 fn usage() -> &'static str {
-    "usage: opensandbox-bench [--runs N]\n\
+    "usage: opensandbox-bench [--runs N] [--transfer | --transfer-only]\n\
      \n\
      Measures create, run, snapshot (1 MiB and 1 GiB written), restore and fork of an\n\
      opensandbox host it starts itself, plus docker CLI baselines, N times each (default 50).\n\
      Host binary: OPENSANDBOX_BIN, else target/release/opensandbox (build it first with\n\
      `cargo build --release -p opensandbox`), else target/debug/opensandbox.\n\
+     --transfer adds export/import through S3 of a 1 GiB snapshot (min(N, 3) runs, against a\n\
+     local moto_server: MOTO_SERVER) next to `btrfs send | zstd > /dev/null`.\n\
      Environment: DOCKER_HOST, DOCKER_BTRFS_PATH, DOCKER_IMAGE as for the host."
 }
 
 fn parse_args() -> Result<Args> {
     let mut runs = DEFAULT_RUNS;
+    let mut transfer = false;
+    let mut transfer_only = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -53,6 +62,11 @@ fn parse_args() -> Result<Args> {
                     .parse()
                     .with_context(|| format!("--runs {v:?} is not a number"))?;
             }
+            "--transfer" => transfer = true,
+            "--transfer-only" => {
+                transfer = true;
+                transfer_only = true;
+            }
             "-h" | "--help" => {
                 println!("{}", usage());
                 std::process::exit(0);
@@ -63,7 +77,11 @@ fn parse_args() -> Result<Args> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
-    Ok(Args { runs })
+    Ok(Args {
+        runs,
+        transfer,
+        transfer_only,
+    })
 }
 
 fn pick_bin() -> Result<PathBuf> {
@@ -344,6 +362,163 @@ async fn measure(host: &Host, n: usize, image: &str) -> Result<(Vec<Row>, f64, f
     Ok((rows, run_p50, exec_p50))
 }
 
+/// Polls a job until it ends; fails unless it succeeded.
+async fn wait_job(host: &Host, key: &str, job: &Value) -> Result<Value> {
+    let id = job["id"].as_str().context("job id")?;
+    loop {
+        let (_, body) = host.get(&format!("/jobs/{id}"), Some(key)).await?;
+        match body["state"].as_str() {
+            Some("succeeded") => return Ok(body),
+            Some("failed") => bail!("job failed: {body}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+async fn timed_job(host: &Host, key: &str, path: &str, body: Value) -> Result<(f64, Value)> {
+    let t = Instant::now();
+    let (status, job) = host.post(path, Some(key), body).await?;
+    if status.as_u16() != 202 {
+        bail!("POST {path}: {status} {job}");
+    }
+    let done = wait_job(host, key, &job).await?;
+    Ok((ms(t.elapsed()), done))
+}
+
+fn mib_per_s(bytes: f64, ms: f64) -> f64 {
+    bytes / (1024.0 * 1024.0) / (ms / 1000.0)
+}
+
+/// Export and import of a sandbox holding 1 GiB more than its image, the
+/// `btrfs send | zstd` pipe on the same snapshot, and incremental exports
+/// after a 1 MiB change.
+async fn measure_transfer(host: &Host, n: usize) -> Result<Vec<Row>> {
+    let key = host.admin_key().await?;
+    let mut rows = Vec::new();
+    progress("transfer: writing 1 GiB");
+    let vm = host.create_vm_named(&key, "bench-xfer").await?;
+    host.run_ok(
+        &key,
+        "bench-xfer",
+        "mkdir -p /data && head -c 1073741824 /dev/urandom > /data/big && sync",
+    )
+    .await?;
+    host.snapshot(&key, "bench-xfer", "full").await?;
+    let snap =
+        sandbox_dir(&host.host_id()?, vm["id"].as_str().unwrap_or_default()).join("snapshots/full");
+
+    progress("transfer: btrfs send piped into zstd");
+    let mut s = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let out = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "btrfs send -q '{}' | zstd -q > /dev/null",
+                snap.display()
+            ))
+            .status()
+            .await?;
+        if !out.success() {
+            bail!("btrfs send | zstd failed: {out}");
+        }
+        s.push(ms(t.elapsed()));
+    }
+    let baseline = Row::new("", s, None);
+
+    progress("transfer: export");
+    let mut s = Vec::new();
+    let mut last = Value::Null;
+    for _ in 0..n {
+        let (t, done) = timed_job(
+            host,
+            &key,
+            "/vms/bench-xfer/snapshots/full/export",
+            json!({}),
+        )
+        .await?;
+        s.push(t);
+        last = done;
+    }
+    let export = Row::new("", s, None);
+    let object_key = last["object_key"].as_str().unwrap_or_default().to_string();
+    let compressed = last["bytes_total"].as_f64().unwrap_or(f64::NAN);
+
+    progress("transfer: import");
+    let mut s = Vec::new();
+    for i in 0..n {
+        let name = format!("bench-xfer-imp-{i}");
+        let (t, _) = timed_job(
+            host,
+            &key,
+            "/snapshots/import",
+            json!({"key": object_key, "name": name}),
+        )
+        .await?;
+        s.push(t);
+        host.delete(&key, &name).await?;
+    }
+    let import = Row::new("", s, None);
+
+    progress("transfer: incremental export after 1 MiB");
+    let mut s = Vec::new();
+    let mut sizes = Vec::new();
+    for i in 0..n {
+        host.run_ok(
+            &key,
+            "bench-xfer",
+            "head -c 1048576 /dev/urandom > /data/small && sync",
+        )
+        .await?;
+        let snap = format!("incr-{i}");
+        host.snapshot(&key, "bench-xfer", &snap).await?;
+        let (t, done) = timed_job(
+            host,
+            &key,
+            &format!("/vms/bench-xfer/snapshots/{snap}/export"),
+            json!({}),
+        )
+        .await?;
+        s.push(t);
+        sizes.push(done["bytes_total"].as_f64().unwrap_or(f64::NAN));
+    }
+    let incr = Row::new("", s, None);
+    host.delete(&key, "bench-xfer").await?;
+
+    let gib = 1024.0 * 1024.0 * 1024.0;
+    rows.push(Row {
+        op: format!(
+            "export 1 GiB snapshot to S3 (p50 {:.0} MiB/s; object {:.0} MiB)",
+            mib_per_s(gib, export.p50()),
+            compressed / (1024.0 * 1024.0)
+        ),
+        ..export
+    });
+    rows.push(Row {
+        op: format!(
+            "import 1 GiB snapshot from S3 (p50 {:.0} MiB/s)",
+            mib_per_s(gib, import.p50())
+        ),
+        ..import
+    });
+    rows.push(Row {
+        op: format!(
+            "baseline: `btrfs send` piped into `zstd > /dev/null` (p50 {:.0} MiB/s)",
+            mib_per_s(gib, baseline.p50())
+        ),
+        ..baseline
+    });
+    sizes.sort_by(|a, b| a.total_cmp(b));
+    rows.push(Row {
+        op: format!(
+            "incremental export after 1 MiB (object p50 {:.2} MiB)",
+            sizes.get(sizes.len() / 2).copied().unwrap_or(f64::NAN) / (1024.0 * 1024.0)
+        ),
+        ..incr
+    });
+    Ok(rows)
+}
+
 async fn btrfs(args: &[&str]) -> Result<()> {
     let out = tokio::process::Command::new("btrfs")
         .args(args)
@@ -417,13 +592,32 @@ async fn bench(args: Args) -> Result<()> {
     println!();
 
     progress("starting the host");
+    let s3 = if args.transfer {
+        Some(S3Server::start().await?)
+    } else {
+        None
+    };
     let mut host = Host::start_with(HostOptions {
         bin: Some(bin),
-        env: vec![],
+        env: s3
+            .as_ref()
+            .map(|s| s.host_env("bench/"))
+            .unwrap_or_default(),
     })
     .await?;
     host.set_log_on_drop(false);
-    let measured = measure(&host, n, &image).await;
+    let measured = async {
+        let (mut rows, run_p50, exec_p50) = if args.transfer_only {
+            (Vec::new(), f64::NAN, f64::NAN)
+        } else {
+            measure(&host, n, &image).await?
+        };
+        if args.transfer {
+            rows.extend(measure_transfer(&host, n.min(3)).await?);
+        }
+        Ok::<_, anyhow::Error>((rows, run_p50, exec_p50))
+    }
+    .await;
     let leftover = host.delete_all_vms().await;
     if !leftover.is_empty() {
         eprintln!("warning: could not delete: {leftover:?}");
@@ -458,12 +652,14 @@ async fn bench(args: Args) -> Result<()> {
         );
     }
     println!();
-    println!(
-        "docker exec (CLI) p50 / our run p50 = {:.1} / {:.1} = {:.2}x",
-        exec_p50,
-        run_p50,
-        exec_p50 / run_p50
-    );
+    if !args.transfer_only {
+        println!(
+            "docker exec (CLI) p50 / our run p50 = {:.1} / {:.1} = {:.2}x",
+            exec_p50,
+            run_p50,
+            exec_p50 / run_p50
+        );
+    }
     Ok(())
 }
 
