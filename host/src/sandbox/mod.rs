@@ -83,6 +83,19 @@ impl From<RuntimeError> for SandboxError {
 
 pub type Result<T> = std::result::Result<T, SandboxError>;
 
+/// Where a new sandbox's root filesystem comes from.
+enum RootOrigin<'a> {
+    /// The image, as the runtime creates it.
+    Image,
+    /// A snapshot of another of the caller's sandboxes.
+    Fork {
+        source: &'a Sandbox,
+        snapshot: &'a str,
+    },
+    /// A subvolume received from elsewhere (an import), kept as `snapshot`.
+    Received { path: &'a Path, snapshot: &'a str },
+}
+
 /// A request to create a sandbox, already decoded from the API.
 #[derive(Debug, Clone, Default)]
 pub struct CreateSandbox {
@@ -192,31 +205,38 @@ impl Sandboxes {
         let runtime = self.choose_runtime(caller, &request, &image).await?;
         self.runtime.ensure_image(&image).await?;
 
-        let sandbox = self
-            .store
-            .insert_sandbox(&NewSandbox {
-                owner_key_id: owner,
-                name: request.name.clone(),
-                image: image.clone(),
-                runtime,
-                env: request.env.clone(),
-                labels: request.labels.clone(),
-                forked_from: request.from.clone(),
-            })
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict => SandboxError::VmExists(request.name.clone()),
-                other => other.into(),
-            })?;
+        let origin = match &source {
+            Some((src, snapshot)) => RootOrigin::Fork {
+                source: src,
+                snapshot,
+            },
+            None => RootOrigin::Image,
+        };
+        let new = NewSandbox {
+            owner_key_id: owner,
+            name: request.name.clone(),
+            image,
+            runtime,
+            env: request.env,
+            labels: request.labels,
+            forked_from: request.from,
+        };
+        self.materialize(new, origin).await
+    }
+
+    /// Reserves the name, builds the sandbox under its lock, and removes
+    /// everything again if any step fails: a failed create leaves nothing.
+    async fn materialize(&self, new: NewSandbox, origin: RootOrigin<'_>) -> Result<Sandbox> {
+        let sandbox = self.store.insert_sandbox(&new).await.map_err(|e| match e {
+            StoreError::Conflict => SandboxError::VmExists(new.name.clone()),
+            other => other.into(),
+        })?;
         let _guard = self.locks.lock(sandbox.id).await;
         let started = Instant::now();
-        match self
-            .build(&sandbox, source.as_ref().map(|(s, n)| (s, n.as_str())))
-            .await
-        {
+        match self.build(&sandbox, origin).await {
             Ok(()) => {
                 info!(id = %sandbox.id, elapsed_ms = started.elapsed().as_millis() as u64, "sandbox created");
-                self.get(owner, &sandbox.name).await
+                self.get(new.owner_key_id, &new.name).await
             }
             Err(err) => {
                 warn!(id = %sandbox.id, error = %err, "create failed, cleaning up");
@@ -228,9 +248,9 @@ impl Sandboxes {
         }
     }
 
-    /// Creates the instance, fills its root from the fork source if any,
-    /// takes the `initial` snapshot and starts it.
-    async fn build(&self, sandbox: &Sandbox, source: Option<(&Sandbox, &str)>) -> Result<()> {
+    /// Creates the instance, fills its root from its origin, takes the
+    /// `initial` snapshot (unless the origin brings one) and starts it.
+    async fn build(&self, sandbox: &Sandbox, origin: RootOrigin<'_>) -> Result<()> {
         let instance = self
             .runtime
             .create(&InstanceSpec {
@@ -244,16 +264,36 @@ impl Sandboxes {
             .set_instance(sandbox.id, &instance.id, &instance.rootfs)
             .await?;
         tokio::fs::create_dir_all(self.paths.snapshots_dir(sandbox.id)).await?;
-        if let Some((src, snapshot)) = source {
-            // Hold the source's lock so its snapshot cannot vanish mid-copy.
-            let _src_guard = self.locks.lock(src.id).await;
-            if self.store.get_snapshot(src.id, snapshot).await?.is_none() {
-                return Err(SandboxError::SnapshotNotFound(snapshot.to_string()));
+        let mut has_initial = false;
+        match origin {
+            RootOrigin::Image => {}
+            RootOrigin::Fork { source, snapshot } => {
+                // Hold the source's lock so its snapshot cannot vanish mid-copy.
+                let _src_guard = self.locks.lock(source.id).await;
+                if self
+                    .store
+                    .get_snapshot(source.id, snapshot)
+                    .await?
+                    .is_none()
+                {
+                    return Err(SandboxError::SnapshotNotFound(snapshot.to_string()));
+                }
+                replace_rootfs(&instance.rootfs, &self.paths.snapshot(source.id, snapshot)).await?;
             }
-            replace_rootfs(&instance.rootfs, &self.paths.snapshot(src.id, snapshot)).await?;
+            RootOrigin::Received { path, snapshot } => {
+                // The received subvolume becomes a snapshot of this sandbox
+                // and, as a writable copy, its root filesystem.
+                let named = self.paths.snapshot(sandbox.id, snapshot);
+                btrfs::snapshot_async(path.to_path_buf(), named.clone(), true).await?;
+                self.store.insert_snapshot(sandbox.id, snapshot).await?;
+                replace_rootfs(&instance.rootfs, &named).await?;
+                has_initial = snapshot == INITIAL_SNAPSHOT;
+            }
         }
-        self.take_snapshot(sandbox.id, &instance.rootfs, INITIAL_SNAPSHOT)
-            .await?;
+        if !has_initial {
+            self.take_snapshot(sandbox.id, &instance.rootfs, INITIAL_SNAPSHOT)
+                .await?;
+        }
         self.runtime.start(&instance.id).await?;
         self.store
             .set_state(sandbox.id, SandboxState::Running, None)
@@ -544,70 +584,23 @@ impl Sandboxes {
         names::validate_resource_name("snapshot", snapshot)?;
         names::validate_image(image)?;
         self.runtime.ensure_image(image).await?;
-        let sandbox = self
-            .store
-            .insert_sandbox(&NewSandbox {
-                owner_key_id: owner,
-                name: name.to_string(),
-                image: image.to_string(),
-                runtime: self.runtime.name().to_string(),
-                env: BTreeMap::new(),
-                labels: BTreeMap::new(),
-                forked_from: None,
-            })
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict => SandboxError::VmExists(name.to_string()),
-                other => other.into(),
-            })?;
-        let _guard = self.locks.lock(sandbox.id).await;
-        match self.build_imported(&sandbox, snapshot, received).await {
-            Ok(()) => {
-                info!(id = %sandbox.id, "sandbox imported");
-                self.get(owner, name).await
-            }
-            Err(err) => {
-                warn!(id = %sandbox.id, error = %err, "import failed, cleaning up");
-                if let Err(cleanup) = self.destroy(&sandbox).await {
-                    warn!(id = %sandbox.id, error = %cleanup, "cleanup after failed import failed; recovery will retry");
-                }
-                Err(err)
-            }
-        }
-    }
-
-    async fn build_imported(
-        &self,
-        sandbox: &Sandbox,
-        snapshot: &str,
-        received: &Path,
-    ) -> Result<()> {
-        let instance = self
-            .runtime
-            .create(&InstanceSpec {
-                sandbox_id: sandbox.id,
-                hostname: sandbox.name.clone(),
-                image: sandbox.image.clone(),
-                env: sandbox.env.clone(),
-            })
-            .await?;
-        self.store
-            .set_instance(sandbox.id, &instance.id, &instance.rootfs)
-            .await?;
-        tokio::fs::create_dir_all(self.paths.snapshots_dir(sandbox.id)).await?;
-        let named = self.paths.snapshot(sandbox.id, snapshot);
-        btrfs::snapshot_async(received.to_path_buf(), named.clone(), true).await?;
-        self.store.insert_snapshot(sandbox.id, snapshot).await?;
-        replace_rootfs(&instance.rootfs, &named).await?;
-        if snapshot != INITIAL_SNAPSHOT {
-            self.take_snapshot(sandbox.id, &instance.rootfs, INITIAL_SNAPSHOT)
-                .await?;
-        }
-        self.runtime.start(&instance.id).await?;
-        self.store
-            .set_state(sandbox.id, SandboxState::Running, None)
-            .await?;
-        Ok(())
+        let new = NewSandbox {
+            owner_key_id: owner,
+            name: name.to_string(),
+            image: image.to_string(),
+            runtime: self.runtime.name().to_string(),
+            env: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            forked_from: None,
+        };
+        self.materialize(
+            new,
+            RootOrigin::Received {
+                path: received,
+                snapshot,
+            },
+        )
+        .await
     }
 
     fn rootfs_of<'a>(&self, sandbox: &'a Sandbox) -> Result<&'a Path> {
