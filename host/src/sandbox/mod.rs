@@ -470,16 +470,7 @@ impl Sandboxes {
 
     #[instrument(skip(self, owner))]
     pub async fn restore(&self, owner: Uuid, vm: &str, snapshot: &str) -> Result<Sandbox> {
-        names::validate_resource_name("snapshot", snapshot)?;
-        let (sandbox, _guard) = self.lock(owner, vm).await?;
-        if self
-            .store
-            .get_snapshot(sandbox.id, snapshot)
-            .await?
-            .is_none()
-        {
-            return Err(SandboxError::SnapshotNotFound(snapshot.to_string()));
-        }
+        let (sandbox, _guard) = self.lock_with_snapshot(owner, vm, snapshot).await?;
         self.rootfs_of(&sandbox)?;
         self.store
             .set_state(sandbox.id, SandboxState::Restoring, Some(snapshot))
@@ -508,6 +499,26 @@ impl Sandboxes {
         Ok(())
     }
 
+    /// [`Self::lock`], then checks that `snapshot` exists under that lock.
+    async fn lock_with_snapshot(
+        &self,
+        owner: Uuid,
+        vm: &str,
+        snapshot: &str,
+    ) -> Result<(Sandbox, tokio::sync::OwnedMutexGuard<()>)> {
+        names::validate_resource_name("snapshot", snapshot)?;
+        let (sandbox, guard) = self.lock(owner, vm).await?;
+        if self
+            .store
+            .get_snapshot(sandbox.id, snapshot)
+            .await?
+            .is_none()
+        {
+            return Err(SandboxError::SnapshotNotFound(snapshot.to_string()));
+        }
+        Ok((sandbox, guard))
+    }
+
     /// Looks a sandbox up, takes its lock, and reads it again under the lock
     /// (it may have been deleted or changed while we waited).
     async fn lock(
@@ -534,16 +545,7 @@ impl Sandboxes {
         vm: &str,
         snapshot: &str,
     ) -> Result<(Sandbox, PathBuf, tokio::sync::OwnedMutexGuard<()>)> {
-        names::validate_resource_name("snapshot", snapshot)?;
-        let (sandbox, guard) = self.lock(owner, vm).await?;
-        if self
-            .store
-            .get_snapshot(sandbox.id, snapshot)
-            .await?
-            .is_none()
-        {
-            return Err(SandboxError::SnapshotNotFound(snapshot.to_string()));
-        }
+        let (sandbox, guard) = self.lock_with_snapshot(owner, vm, snapshot).await?;
         let path = self.paths.snapshot(sandbox.id, snapshot);
         Ok((sandbox, path, guard))
     }
