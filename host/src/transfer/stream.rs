@@ -48,15 +48,11 @@ impl<R: AsyncRead + Unpin> AsyncRead for HashingReader<R> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &poll {
-            let new = &buf.filled()[before..];
+        poll_observed(&mut this.inner, cx, buf, |new| {
             this.hasher.update(new);
             this.count += new.len() as u64;
             this.progress.fetch_add(new.len() as u64, Ordering::Relaxed);
-        }
-        poll
+        })
     }
 }
 
@@ -79,14 +75,25 @@ impl<R: AsyncRead + Unpin> AsyncRead for CountingReader<R> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &poll {
-            let n = (buf.filled().len() - before) as u64;
-            this.count.fetch_add(n, Ordering::Relaxed);
-        }
-        poll
+        poll_observed(&mut this.inner, cx, buf, |new| {
+            this.count.fetch_add(new.len() as u64, Ordering::Relaxed);
+        })
     }
+}
+
+/// Reads from `inner` into `buf` and hands the bytes this read added to `observe`.
+fn poll_observed<R: AsyncRead + Unpin>(
+    inner: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+    observe: impl FnOnce(&[u8]),
+) -> Poll<std::io::Result<()>> {
+    let before = buf.filled().len();
+    let poll = Pin::new(inner).poll_read(cx, buf);
+    if let Poll::Ready(Ok(())) = &poll {
+        observe(&buf.filled()[before..]);
+    }
+    poll
 }
 
 /// Starts `btrfs <args>` with the given stdin/stdout, collecting stderr.
