@@ -85,24 +85,43 @@ impl LoadedPlugin {
         Ok(store)
     }
 
+    /// Instantiates a policy in a fresh store and runs `call` on it.
+    fn with_policy<T>(
+        &self,
+        call: impl FnOnce(&mut Store<PluginState>, &policy::PolicyPlugin) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
+        let Pre::Policy(pre) = &self.pre else {
+            return Err(CallError("not a policy".into()));
+        };
+        let mut store = self.store()?;
+        let plugin = pre.instantiate(&mut store).map_err(trap)?;
+        call(&mut store, &plugin).map_err(trap)
+    }
+
+    /// Instantiates a hook in a fresh store and runs `call` on it.
+    fn with_hook<T>(
+        &self,
+        call: impl FnOnce(&mut Store<PluginState>, &hook::HookPlugin) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
+        let Pre::Hook(pre) = &self.pre else {
+            return Err(CallError("not a hook".into()));
+        };
+        let mut store = self.store()?;
+        let plugin = pre.instantiate(&mut store).map_err(trap)?;
+        call(&mut store, &plugin).map_err(trap)
+    }
+
     /// The plugin's own check of its configuration, run once at start-up.
     pub fn validate_config(&self) -> Result<Result<(), String>, CallError> {
-        let mut store = self.store()?;
         match &self.pre {
-            Pre::Policy(pre) => {
-                let plugin = pre.instantiate(&mut store).map_err(trap)?;
+            Pre::Policy(_) => self.with_policy(|store, plugin| {
                 plugin
                     .opensandbox_plugin_policy()
-                    .call_validate_config(&mut store)
-                    .map_err(trap)
-            }
-            Pre::Hook(pre) => {
-                let plugin = pre.instantiate(&mut store).map_err(trap)?;
-                plugin
-                    .opensandbox_plugin_hook()
-                    .call_validate_config(&mut store)
-                    .map_err(trap)
-            }
+                    .call_validate_config(store)
+            }),
+            Pre::Hook(_) => self.with_hook(|store, plugin| {
+                plugin.opensandbox_plugin_hook().call_validate_config(store)
+            }),
         }
     }
 
@@ -112,15 +131,11 @@ impl LoadedPlugin {
         caller: &types::Caller,
         candidates: &[types::RuntimeCandidate],
     ) -> Result<types::RuntimeDecision, CallError> {
-        let Pre::Policy(pre) = &self.pre else {
-            return Err(CallError("not a policy".into()));
-        };
-        let mut store = self.store()?;
-        let plugin = pre.instantiate(&mut store).map_err(trap)?;
-        plugin
-            .opensandbox_plugin_policy()
-            .call_select_runtime(&mut store, request, caller, candidates)
-            .map_err(trap)
+        self.with_policy(|store, plugin| {
+            plugin
+                .opensandbox_plugin_policy()
+                .call_select_runtime(store, request, caller, candidates)
+        })
     }
 
     pub fn before_command(
@@ -128,15 +143,11 @@ impl LoadedPlugin {
         command: &types::Command,
         caller: &types::Caller,
     ) -> Result<types::CommandDecision, CallError> {
-        let Pre::Hook(pre) = &self.pre else {
-            return Err(CallError("not a hook".into()));
-        };
-        let mut store = self.store()?;
-        let plugin = pre.instantiate(&mut store).map_err(trap)?;
-        plugin
-            .opensandbox_plugin_hook()
-            .call_before_command(&mut store, command, caller)
-            .map_err(trap)
+        self.with_hook(|store, plugin| {
+            plugin
+                .opensandbox_plugin_hook()
+                .call_before_command(store, command, caller)
+        })
     }
 
     pub fn after_command(
@@ -145,15 +156,11 @@ impl LoadedPlugin {
         caller: &types::Caller,
         outcome: &types::CommandOutcome,
     ) -> Result<(), CallError> {
-        let Pre::Hook(pre) = &self.pre else {
-            return Err(CallError("not a hook".into()));
-        };
-        let mut store = self.store()?;
-        let plugin = pre.instantiate(&mut store).map_err(trap)?;
-        plugin
-            .opensandbox_plugin_hook()
-            .call_after_command(&mut store, command, caller, *outcome)
-            .map_err(trap)
+        self.with_hook(|store, plugin| {
+            plugin
+                .opensandbox_plugin_hook()
+                .call_after_command(store, command, caller, *outcome)
+        })
     }
 }
 
