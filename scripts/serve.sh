@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(./scripts/setup.sh)"
+./scripts/build-agent.sh >/dev/null
 cargo build --release -p opensandbox
+export AGENT_BINARY="${AGENT_BINARY:-$PWD/target/agent/opensandbox-agent}"
 exec ./target/release/opensandbox serve "$@"

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(./scripts/setup.sh)"
 ./scripts/build-plugins.sh
+./scripts/build-agent.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build -p opensandbox

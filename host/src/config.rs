@@ -129,6 +129,27 @@ pub struct ServeConfig {
     )]
     pub run_output_limit_bytes: u64,
 
+    /// Replay buffer of each background process in the agent: the most
+    /// recent output kept for clients that attach later.
+    #[arg(
+        long,
+        env = "PROCESS_OUTPUT_BUFFER_BYTES",
+        value_name = "PROCESS_OUTPUT_BUFFER_BYTES",
+        default_value_t = 1024 * 1024,
+        value_parser = clap::value_parser!(u64).range(4096..=256 * 1024 * 1024)
+    )]
+    pub process_output_buffer_bytes: u64,
+
+    /// The static in-sandbox agent (built by scripts/build-agent.sh into
+    /// target/agent/opensandbox-agent); it is mounted into every sandbox.
+    #[arg(
+        long,
+        env = "AGENT_BINARY",
+        value_name = "AGENT_BINARY",
+        default_value = "/usr/local/lib/opensandbox/opensandbox-agent"
+    )]
+    pub agent_binary: PathBuf,
+
     /// Timeout of a command that gives none, in milliseconds.
     #[arg(
         long,

@@ -13,6 +13,7 @@
 //! - [`s3`]: the S3 client for exported snapshots
 //! - [`transfer`]: snapshot export and import jobs
 
+pub mod agent;
 pub mod api;
 pub mod auth;
 pub mod btrfs;

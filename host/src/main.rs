@@ -12,6 +12,7 @@ use clap::Parser;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use opensandbox::agent::Agents;
 use opensandbox::config::{Cli, Command, ServeConfig};
 use opensandbox::plugins::PluginChain;
 use opensandbox::runtimes::docker::{DockerRuntime, DockerSettings};
@@ -98,7 +99,13 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         default_timeout: config.default_timeout(),
         max_timeout: config.max_timeout(),
         output_limit: usize::try_from(config.run_output_limit_bytes).unwrap_or(usize::MAX),
+        process_buffer: config.process_output_buffer_bytes,
     };
+    let agents = Arc::new(
+        Agents::open(&config.data_dir, config.agent_binary.clone())
+            .await
+            .context("the in-sandbox agent")?,
+    );
     let sandboxes = Arc::new(Sandboxes::new(
         store.clone(),
         runtime,
@@ -106,6 +113,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         config.docker_image.clone(),
         limits,
         plugins,
+        agents,
     ));
     sandboxes
         .recover()

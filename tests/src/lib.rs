@@ -13,6 +13,8 @@
 //! On drop the tail of the host's log is printed to stderr (which the test harness shows
 //! only for failing tests); see [`Host::set_log_on_drop`].
 
+pub mod stream;
+
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::os::unix::fs::MetadataExt as _;
@@ -58,6 +60,8 @@ const HOST_CONFIG_VARS: &[&str] = &[
     "S3_REGION",
     "S3_PREFIX",
     "S3_ENDPOINT",
+    "AGENT_BINARY",
+    "PROCESS_OUTPUT_BUFFER_BYTES",
 ];
 
 // ---------------------------------------------------------------------------
@@ -102,7 +106,23 @@ pub fn default_host_bin() -> PathBuf {
     }
 }
 
+/// The static agent: `AGENT_BINARY`, else `<workspace>/target/agent/opensandbox-agent`
+/// (where scripts/build-agent.sh puts it).
+pub fn agent_binary() -> PathBuf {
+    match std::env::var_os("AGENT_BINARY") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => workspace_root().join("target/agent/opensandbox-agent"),
+    }
+}
+
 fn check_bin(bin: &Path) -> Result<()> {
+    if !agent_binary().is_file() {
+        bail!(
+            "agent binary not found at {}: build it with scripts/build-agent.sh \
+             (or set AGENT_BINARY to its path)",
+            agent_binary().display()
+        );
+    }
     if !bin.is_file() {
         bail!(
             "opensandbox host binary not found at {}: build it with `cargo build -p opensandbox` \
@@ -501,6 +521,7 @@ fn base_env(port: u16, data_dir: &Path) -> Vec<(String, String)> {
             btrfs_path().display().to_string(),
         ),
         ("DOCKER_IMAGE".into(), docker_image()),
+        ("AGENT_BINARY".into(), agent_binary().display().to_string()),
         ("RUST_LOG".into(), "info".into()),
     ]
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 use tracing::error;
 use utoipa::ToSchema;
 
+use crate::agent::AgentError;
 use crate::auth::AuthError;
 use crate::sandbox::SandboxError;
 use crate::store::StoreError;
@@ -93,6 +94,20 @@ impl From<SandboxError> for ApiError {
                 error!(error = %err, "runtime error");
                 (StatusCode::BAD_GATEWAY, "runtime_error")
             }
+            E::NoAgent(_) => (StatusCode::CONFLICT, "agent_absent"),
+            E::Agent(AgentError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "agent_unavailable")
+            }
+            E::Agent(_) => {
+                error!(error = %err, "agent error");
+                (StatusCode::BAD_GATEWAY, "agent_error")
+            }
+            E::TooManyProcesses(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_processes"),
+            E::ProcessNotFound(_) => (StatusCode::NOT_FOUND, "process_not_found"),
+            E::ProcessState(_) => (StatusCode::CONFLICT, "process_state"),
+            E::PathNotFound(_) => (StatusCode::NOT_FOUND, "path_not_found"),
+            E::PathExists(_) => (StatusCode::CONFLICT, "path_exists"),
+            E::PathRefused(_) => (StatusCode::FORBIDDEN, "path_refused"),
             E::Storage(_) | E::Store(_) | E::Io(_) | E::Plugin(_) => return Self::internal(&err),
         };
         Self::new(status, code, message)

@@ -4,8 +4,10 @@
 
 mod error;
 mod extract;
+mod files;
 mod keys;
 mod openapi;
+mod processes;
 mod transfers;
 mod vms;
 
@@ -13,7 +15,7 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Request};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{middleware, Json, Router};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -26,6 +28,8 @@ pub use error::ApiError;
 
 /// Largest request body; commands and names are small.
 const BODY_LIMIT: usize = 1024 * 1024;
+/// Largest single stdin write (use the WebSocket for a continuous stream).
+const STDIN_LIMIT: usize = 16 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -44,6 +48,37 @@ pub fn router(state: AppState) -> Router {
         .route("/vms", post(vms::create).get(vms::list))
         .route("/vms/{name}", get(vms::get).delete(vms::delete))
         .route("/vms/{name}/run", post(vms::run))
+        .route(
+            "/vms/{name}/processes",
+            post(processes::start).get(processes::list),
+        )
+        .route("/vms/{name}/processes/ws", get(processes::start_ws))
+        .route("/vms/{name}/processes/{pid}", get(processes::get))
+        .route("/vms/{name}/processes/{pid}/output", get(processes::output))
+        .route("/vms/{name}/processes/{pid}/ws", get(processes::attach_ws))
+        .route(
+            "/vms/{name}/processes/{pid}/stdin",
+            post(processes::stdin).layer(DefaultBodyLimit::max(STDIN_LIMIT)),
+        )
+        .route(
+            "/vms/{name}/processes/{pid}/signal",
+            post(processes::signal),
+        )
+        .route(
+            "/vms/{name}/processes/{pid}/resize",
+            post(processes::resize),
+        )
+        .route(
+            "/vms/{name}/files",
+            get(files::download)
+                .delete(files::remove)
+                // Uploads stream to the agent; their size is not limited here.
+                .merge(put(files::upload).layer(DefaultBodyLimit::disable())),
+        )
+        .route("/vms/{name}/files/stat", get(files::stat))
+        .route("/vms/{name}/files/list", get(files::list))
+        .route("/vms/{name}/files/mkdir", post(files::mkdir))
+        .route("/vms/{name}/files/move", post(files::move_path))
         .route(
             "/vms/{name}/snapshots",
             get(vms::list_snapshots).post(vms::create_snapshot),

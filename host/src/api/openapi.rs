@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{error, keys, transfers, vms};
+use super::{error, files, keys, processes, transfers, vms};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,9 +14,14 @@ use super::{error, keys, transfers, vms};
         keys::create, keys::list, keys::revoke,
         vms::create, vms::list, vms::get, vms::delete, vms::run,
         vms::list_snapshots, vms::create_snapshot, vms::delete_snapshot, vms::restore,
+        processes::start, processes::list, processes::get, processes::output,
+        processes::attach_ws, processes::start_ws, processes::stdin, processes::signal,
+        processes::resize,
+        files::download, files::upload, files::stat, files::list, files::mkdir,
+        files::move_path, files::remove,
         transfers::export, transfers::import, transfers::get_job,
     ),
-    components(schemas(error::ErrorBody, error::ErrorDetail)),
+    components(schemas(error::ErrorBody, error::ErrorDetail, processes::EventView)),
     modifiers(&ApiKeyHeader)
 )]
 pub struct ApiDoc;

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, Caller};
 use super::AppState;
-use crate::sandbox::{CreateSandbox, RunCommand, RunResult};
+use crate::sandbox::{AgentStatus, CreateSandbox, RunCommand, RunResult, RunVia};
 use crate::store::{ForkSource, Sandbox, Snapshot};
 
 /// A snapshot to fork from.
@@ -57,6 +57,57 @@ pub struct VmView {
     pub labels: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
     pub forked_from: Option<SnapshotRef>,
+    /// The in-sandbox agent (only on `GET /vms/{name}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentView>,
+}
+
+/// The agent's health as the host sees it now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentView {
+    /// `ready`, `unreachable` (it died and the engine is restarting it, or it
+    /// hangs), `stopped` (the sandbox is not running) or `absent` (sandbox
+    /// made by an older host: only `run` works, through the engine).
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Since the agent (re)started; small after a crash and restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl From<AgentStatus> for AgentView {
+    fn from(status: AgentStatus) -> Self {
+        let bare = |status| AgentView {
+            status,
+            version: None,
+            protocol: None,
+            uptime_ms: None,
+            processes: None,
+            error: None,
+        };
+        match status {
+            AgentStatus::Ready(info) => AgentView {
+                version: Some(info.agent_version),
+                protocol: Some(format!("v{}.{}", info.protocol_major, info.protocol_minor)),
+                uptime_ms: Some(info.uptime_ms),
+                processes: Some(info.processes),
+                ..bare("ready")
+            },
+            AgentStatus::Unreachable(error) => AgentView {
+                error: Some(error),
+                ..bare("unreachable")
+            },
+            AgentStatus::Stopped => bare("stopped"),
+            AgentStatus::Absent => bare("absent"),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -73,8 +124,13 @@ pub struct RunBody {
     pub env: BTreeMap<String, String>,
     /// Absolute working directory inside the sandbox.
     pub cwd: Option<String>,
+    /// `name`, `uid` or `uid:gid` (default root).
+    pub user: Option<String>,
     /// Kill the command after this many milliseconds (default: RUN_TIMEOUT_MS).
     pub timeout_ms: Option<u64>,
+    /// `agent` (default) or `engine` (Docker's exec API; slower, for
+    /// comparison or when the agent is down).
+    pub via: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -121,6 +177,8 @@ pub struct RestoreResponse {
     pub snapshot: String,
     /// The sandbox was restarted: processes running before the restore are gone.
     pub restarted: bool,
+    /// The processes that were running and were stopped by the restore.
+    pub stopped_processes: Vec<super::processes::ProcessView>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -145,6 +203,7 @@ impl From<Sandbox> for VmView {
                 vm: f.vm,
                 snapshot: f.snapshot,
             }),
+            agent: None,
         }
     }
 }
@@ -235,7 +294,11 @@ pub async fn get(
     Caller(key): Caller,
     Path(name): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    Ok(Json(state.sandboxes.get(key.id, &name).await?.into()))
+    let sandbox = state.sandboxes.get(key.id, &name).await?;
+    let agent = state.sandboxes.agent_status(&sandbox).await;
+    let mut view = VmView::from(sandbox);
+    view.agent = Some(agent.into());
+    Ok(Json(view))
 }
 
 /// Deletes a sandbox with its container, root filesystem and snapshots.
@@ -260,11 +323,22 @@ pub async fn run(
     Path(name): Path<String>,
     ApiJson(body): ApiJson<RunBody>,
 ) -> Result<Json<RunResponse>, ApiError> {
+    let via = match body.via.as_deref() {
+        None | Some("agent") => RunVia::Agent,
+        Some("engine") => RunVia::Engine,
+        Some(other) => {
+            return Err(ApiError::invalid_request(format!(
+                "via {other:?} must be \"agent\" or \"engine\""
+            )))
+        }
+    };
     let command = RunCommand {
         command: body.command,
         env: body.env,
         cwd: body.cwd,
+        user: body.user,
         timeout_ms: body.timeout_ms,
+        via,
     };
     let result = state.sandboxes.run(&key, &name, command).await?;
     Ok(Json(result.into()))
@@ -325,7 +399,7 @@ pub async fn restore(
     Path(name): Path<String>,
     ApiJson(body): ApiJson<RestoreBody>,
 ) -> Result<Json<RestoreResponse>, ApiError> {
-    let sandbox = state
+    let (sandbox, stopped) = state
         .sandboxes
         .restore(key.id, &name, &body.snapshot)
         .await?;
@@ -333,6 +407,7 @@ pub async fn restore(
         vm: sandbox.into(),
         snapshot: body.snapshot,
         restarted: true,
+        stopped_processes: stopped.into_iter().map(Into::into).collect(),
     }))
 }
 

@@ -15,7 +15,9 @@ use bollard::container::{
 use bollard::errors::Error as BollardError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::image::CreateImageOptions;
-use bollard::models::HostConfig;
+use bollard::models::{
+    HostConfig, Mount, MountBindOptions, MountTypeEnum, RestartPolicy, RestartPolicyNameEnum,
+};
 use bollard::Docker;
 use futures_util::StreamExt;
 use tracing::{debug, info, warn};
@@ -202,6 +204,21 @@ fn connect(endpoint: Option<&str>) -> std::result::Result<Docker, BollardError> 
     }
 }
 
+fn bind(source: &std::path::Path, target: &str, read_only: bool) -> Mount {
+    Mount {
+        target: Some(target.to_string()),
+        source: Some(source.display().to_string()),
+        typ: Some(MountTypeEnum::BIND),
+        read_only: Some(read_only),
+        bind_options: Some(MountBindOptions {
+            // Mounts made later under the host folder must not leak in.
+            propagation: Some(bollard::models::MountBindOptionsPropagationEnum::RPRIVATE),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn status_of(err: &BollardError) -> Option<u16> {
     match err {
         BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
@@ -280,16 +297,31 @@ impl Runtime for DockerRuntime {
         let config = Config {
             image: Some(spec.image.clone()),
             hostname: Some(spec.hostname.clone()),
-            // The keeper process; commands arrive through exec.
-            entrypoint: Some(vec!["sleep".to_string()]),
-            cmd: Some(vec!["infinity".to_string()]),
+            // The agent is init: it reaps, forwards signals and serves the
+            // host on its socket; the image's own entrypoint is not used.
+            entrypoint: Some(vec![crate::agent::BINARY_IN_SANDBOX.to_string()]),
+            cmd: Some(spec.agent.args.clone()),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             labels: Some(labels),
             network_disabled: Some(self.settings.network == "none"),
             host_config: Some(HostConfig {
                 network_mode: Some(self.settings.network.clone()),
-                // docker-init as PID 1 reaps the zombies of finished commands.
-                init: Some(true),
+                init: Some(false),
+                mounts: Some(vec![
+                    bind(&spec.agent.binary, crate::agent::BINARY_IN_SANDBOX, true),
+                    bind(
+                        &spec.agent.socket_dir,
+                        crate::agent::SOCKET_DIR_IN_SANDBOX,
+                        false,
+                    ),
+                ]),
+                // An agent that crashes takes the sandbox down with it (it is
+                // PID 1); the engine starts it again. Stops the host asks for
+                // (restore) are not restarted.
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::ON_FAILURE),
+                    maximum_retry_count: Some(10),
+                }),
                 privileged: Some(false),
                 security_opt: Some(vec!["no-new-privileges".to_string()]),
                 pids_limit: Some(4096),
@@ -385,6 +417,7 @@ impl Runtime for DockerRuntime {
                     .collect(),
             ),
             working_dir: request.cwd.clone(),
+            user: request.user.clone(),
             attach_stdin: Some(false),
             attach_stdout: Some(true),
             attach_stderr: Some(true),

@@ -42,6 +42,19 @@ pub struct InstanceSpec {
     pub hostname: String,
     pub image: String,
     pub env: BTreeMap<String, String>,
+    /// The agent the instance runs as its init.
+    pub agent: AgentMount,
+}
+
+/// How a runtime puts the agent into an instance.
+#[derive(Debug, Clone)]
+pub struct AgentMount {
+    /// The static agent binary on the host, mounted read-only.
+    pub binary: PathBuf,
+    /// The host folder for the agent's socket, mounted read-write.
+    pub socket_dir: PathBuf,
+    /// Arguments after the binary (e.g. its output buffer size).
+    pub args: Vec<String>,
 }
 
 /// A created (not yet started) instance.
@@ -73,6 +86,8 @@ pub struct ExecRequest {
     pub command: String,
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
+    /// `name`, `uid` or `uid:gid`; None is the image's default user.
+    pub user: Option<String>,
     pub timeout: Duration,
     /// Cap on each of stdout and stderr; the rest is read and dropped.
     pub output_limit: usize,

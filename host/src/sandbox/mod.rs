@@ -4,9 +4,11 @@
 //! operations per sandbox, and records transitional states first so that a
 //! crash can be finished or undone at the next start ([`recovery`]).
 
+mod files;
 mod locks;
 mod paths;
 mod plugged;
+mod processes;
 pub mod recovery;
 
 use std::collections::BTreeMap;
@@ -17,16 +19,19 @@ use std::time::{Duration, Instant};
 use tracing::{info, instrument, warn};
 use uuid::Uuid;
 
+use crate::agent::{pb, AgentError, Agents};
 use crate::btrfs::{self, BtrfsError};
 use crate::names::{self, NameError};
 use crate::plugins::PluginChain;
-use crate::runtimes::{ExecOutcome, ExecRequest, InstanceSpec, Runtime, RuntimeError};
+use crate::runtimes::{AgentMount, ExecOutcome, ExecRequest, InstanceSpec, Runtime, RuntimeError};
 use crate::store::{
     ApiKey, ForkSource, NewSandbox, Sandbox, SandboxState, Snapshot, Store, StoreError,
 };
 
+pub use files::FileUpload;
 use locks::LockTable;
 pub use paths::SnapshotPaths;
+pub use processes::{EventStream, StartProcess};
 
 /// The snapshot every sandbox gets at creation.
 pub const INITIAL_SNAPSHOT: &str = "initial";
@@ -61,6 +66,25 @@ pub enum SandboxError {
     CommandNotStarted(String),
     #[error("runtime error: {0}")]
     Runtime(RuntimeError),
+    #[error(
+        "sandbox {0:?} has no agent (it was created by an older host); only the run endpoint works"
+    )]
+    NoAgent(String),
+    #[error(transparent)]
+    Agent(AgentError),
+    #[error("{0}")]
+    TooManyProcesses(String),
+    #[error("process {0} not found")]
+    ProcessNotFound(u32),
+    /// The process cannot do that now (stdin closed, not a terminal).
+    #[error("{0}")]
+    ProcessState(String),
+    #[error("{0}")]
+    PathNotFound(String),
+    #[error("{0}")]
+    PathExists(String),
+    #[error("{0}")]
+    PathRefused(String),
     #[error("snapshot storage error: {0}")]
     Storage(#[from] BtrfsError),
     #[error("store error: {0}")]
@@ -82,6 +106,18 @@ impl From<RuntimeError> for SandboxError {
 }
 
 pub type Result<T> = std::result::Result<T, SandboxError>;
+
+/// The agent of a sandbox, as its status shows it.
+#[derive(Debug, Clone)]
+pub enum AgentStatus {
+    Ready(pb::InfoResponse),
+    /// Expected to answer, but does not (it may be restarting).
+    Unreachable(String),
+    /// The sandbox is not running.
+    Stopped,
+    /// Created by an older host, without an agent.
+    Absent,
+}
 
 /// Where a new sandbox's root filesystem comes from.
 enum RootOrigin<'a> {
@@ -113,7 +149,20 @@ pub struct RunCommand {
     pub command: String,
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
+    pub user: Option<String>,
     pub timeout_ms: Option<u64>,
+    pub via: RunVia,
+}
+
+/// Which path a run takes into the sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RunVia {
+    /// The sandbox's agent (the engine's exec for sandboxes without one).
+    #[default]
+    Agent,
+    /// The runtime's own exec (Docker's exec API): slower, kept for
+    /// comparison and for sandboxes whose agent is down.
+    Engine,
 }
 
 /// What a finished (or timed-out) command gave.
@@ -129,7 +178,12 @@ pub struct RunLimits {
     pub default_timeout: Duration,
     pub max_timeout: Duration,
     pub output_limit: usize,
+    /// Replay buffer of each background process, in the agent.
+    pub process_buffer: u64,
 }
+
+/// How long a freshly started sandbox's agent may take to answer.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Sandboxes {
     store: Store,
@@ -139,6 +193,7 @@ pub struct Sandboxes {
     default_image: String,
     limits: RunLimits,
     plugins: Arc<PluginChain>,
+    agents: Arc<Agents>,
 }
 
 impl Sandboxes {
@@ -149,6 +204,7 @@ impl Sandboxes {
         default_image: String,
         limits: RunLimits,
         plugins: Arc<PluginChain>,
+        agents: Arc<Agents>,
     ) -> Self {
         Self {
             store,
@@ -158,6 +214,25 @@ impl Sandboxes {
             default_image,
             limits,
             plugins,
+            agents,
+        }
+    }
+
+    /// The agent's state in a sandbox, for its status.
+    pub async fn agent_status(&self, sandbox: &Sandbox) -> AgentStatus {
+        if !self.agents.has_agent(sandbox.id).await {
+            return AgentStatus::Absent;
+        }
+        if sandbox.state != SandboxState::Running {
+            return AgentStatus::Stopped;
+        }
+        match self.agents.info(sandbox.id).await {
+            Ok(info) => AgentStatus::Ready(info),
+            Err(err) => {
+                // A fresh connection next time: the agent may have restarted.
+                self.agents.forget(sandbox.id);
+                AgentStatus::Unreachable(err.to_string())
+            }
         }
     }
 
@@ -251,6 +326,7 @@ impl Sandboxes {
     /// Creates the instance, fills its root from its origin, takes the
     /// `initial` snapshot (unless the origin brings one) and starts it.
     async fn build(&self, sandbox: &Sandbox, origin: RootOrigin<'_>) -> Result<()> {
+        let socket_dir = self.agents.prepare(sandbox.id).await?;
         let instance = self
             .runtime
             .create(&InstanceSpec {
@@ -258,6 +334,14 @@ impl Sandboxes {
                 hostname: sandbox.name.clone(),
                 image: sandbox.image.clone(),
                 env: sandbox.env.clone(),
+                agent: AgentMount {
+                    binary: self.agents.binary().to_path_buf(),
+                    socket_dir,
+                    args: vec![
+                        "--output-buffer".into(),
+                        self.limits.process_buffer.to_string(),
+                    ],
+                },
             })
             .await?;
         self.store
@@ -295,6 +379,10 @@ impl Sandboxes {
                 .await?;
         }
         self.runtime.start(&instance.id).await?;
+        self.agents
+            .wait_ready(sandbox.id, AGENT_READY_TIMEOUT)
+            .await
+            .map_err(SandboxError::Agent)?;
         self.store
             .set_state(sandbox.id, SandboxState::Running, None)
             .await?;
@@ -339,12 +427,14 @@ impl Sandboxes {
             btrfs::delete_subvolume_if_exists_async(rootfs.clone()).await?;
         }
         remove_snapshot_dir(&self.paths.sandbox_dir(sandbox.id)).await?;
+        self.agents.remove(sandbox.id).await?;
         self.store.delete_sandbox(sandbox.id).await?;
         Ok(())
     }
 
     #[instrument(skip(self, caller, request), fields(sandbox = %name))]
     pub async fn run(&self, caller: &ApiKey, name: &str, request: RunCommand) -> Result<RunResult> {
+        let via = request.via;
         let mut exec = self.exec_request(request)?;
         let sandbox = self.get(caller.id, name).await?;
         let container = match (&sandbox.container_id, sandbox.state) {
@@ -358,17 +448,23 @@ impl Sandboxes {
         };
         let vetted = self.vet_command(caller, &sandbox, &mut exec).await?;
         let started = Instant::now();
-        let outcome = self
-            .runtime
-            .exec(&container, &exec)
-            .await
-            .map_err(|e| match e {
-                RuntimeError::NotRunning | RuntimeError::NotFound(_) => SandboxError::NotRunning {
-                    name: name.to_string(),
-                    state: "stopped",
-                },
-                other => other.into(),
-            })?;
+        let via_agent = via == RunVia::Agent && self.agents.has_agent(sandbox.id).await;
+        let outcome = if via_agent {
+            self.run_via_agent(&sandbox, &exec).await
+        } else {
+            self.runtime
+                .exec(&container, &exec)
+                .await
+                .map_err(|e| match e {
+                    RuntimeError::NotRunning | RuntimeError::NotFound(_) => {
+                        SandboxError::NotRunning {
+                            name: name.to_string(),
+                            state: "stopped",
+                        }
+                    }
+                    other => other.into(),
+                })
+        }?;
         let duration = started.elapsed();
         if let Some(command) = vetted {
             self.report_outcome(caller, command, &outcome, duration);
@@ -377,23 +473,11 @@ impl Sandboxes {
     }
 
     fn exec_request(&self, request: RunCommand) -> Result<ExecRequest> {
-        if request.command.trim().is_empty() {
-            return Err(SandboxError::InvalidRequest(
-                "command must not be empty".into(),
-            ));
-        }
-        if request.command.contains('\0') {
-            return Err(SandboxError::InvalidRequest(
-                "command must not contain NUL".into(),
-            ));
-        }
+        processes::check_command(&request.command)?;
         names::validate_env(&request.env)?;
-        if let Some(cwd) = &request.cwd {
-            if !cwd.starts_with('/') || cwd.contains('\0') || cwd.len() > 4096 {
-                return Err(SandboxError::InvalidRequest(
-                    "cwd must be an absolute path inside the sandbox".into(),
-                ));
-            }
+        processes::check_cwd(request.cwd.as_deref())?;
+        if let Some(user) = &request.user {
+            processes::check_user(user)?;
         }
         let timeout = match request.timeout_ms {
             None => self.limits.default_timeout,
@@ -414,6 +498,7 @@ impl Sandboxes {
             command: request.command,
             env: request.env,
             cwd: request.cwd,
+            user: request.user,
             timeout,
             output_limit: self.limits.output_limit,
         })
@@ -469,14 +554,22 @@ impl Sandboxes {
     }
 
     #[instrument(skip(self, owner))]
-    pub async fn restore(&self, owner: Uuid, vm: &str, snapshot: &str) -> Result<Sandbox> {
+    /// Returns the sandbox and the processes that were running before: the
+    /// restore restarts the sandbox, so they are gone.
+    pub async fn restore(
+        &self,
+        owner: Uuid,
+        vm: &str,
+        snapshot: &str,
+    ) -> Result<(Sandbox, Vec<pb::ProcessInfo>)> {
         let (sandbox, _guard) = self.lock_with_snapshot(owner, vm, snapshot).await?;
         self.rootfs_of(&sandbox)?;
+        let stopped = self.running_processes(&sandbox).await;
         self.store
             .set_state(sandbox.id, SandboxState::Restoring, Some(snapshot))
             .await?;
         self.finish_restore(&sandbox, snapshot).await?;
-        self.get(owner, vm).await
+        Ok((self.get(owner, vm).await?, stopped))
     }
 
     /// Stop, swap the root filesystem for a writable copy of the snapshot,
@@ -491,7 +584,14 @@ impl Sandboxes {
         let started = Instant::now();
         self.runtime.stop(container).await?;
         replace_rootfs(rootfs, &self.paths.snapshot(sandbox.id, snapshot)).await?;
+        self.agents.forget(sandbox.id);
         self.runtime.start(container).await?;
+        if self.agents.has_agent(sandbox.id).await {
+            self.agents
+                .wait_ready(sandbox.id, AGENT_READY_TIMEOUT)
+                .await
+                .map_err(SandboxError::Agent)?;
+        }
         self.store
             .set_state(sandbox.id, SandboxState::Running, None)
             .await?;

@@ -131,15 +131,41 @@ impl Sandboxes {
         outcome: &ExecOutcome,
         duration: Duration,
     ) {
-        let plugins = Arc::clone(&self.plugins);
-        let caller = caller_info(caller);
-        let outcome = types::CommandOutcome {
+        (self.outcome_reporter(caller, command))(HookOutcome {
             exit_code: outcome.exit_code,
             timed_out: outcome.timed_out,
-            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+            duration,
             stdout_bytes: outcome.stdout.len() as u64,
             stderr_bytes: outcome.stderr.len() as u64,
-        };
-        tokio::task::spawn_blocking(move || plugins.after_command(&command, &caller, &outcome));
+        });
     }
+
+    /// A one-shot reporter for a command whose end comes later (a stream).
+    pub(super) fn outcome_reporter(
+        &self,
+        caller: &ApiKey,
+        command: types::Command,
+    ) -> impl FnOnce(HookOutcome) + Send + 'static {
+        let plugins = Arc::clone(&self.plugins);
+        let caller = caller_info(caller);
+        move |seen: HookOutcome| {
+            let outcome = types::CommandOutcome {
+                exit_code: seen.exit_code,
+                timed_out: seen.timed_out,
+                duration_ms: u64::try_from(seen.duration.as_millis()).unwrap_or(u64::MAX),
+                stdout_bytes: seen.stdout_bytes,
+                stderr_bytes: seen.stderr_bytes,
+            };
+            tokio::task::spawn_blocking(move || plugins.after_command(&command, &caller, &outcome));
+        }
+    }
+}
+
+/// How a command ended, for the after-command hooks.
+pub(super) struct HookOutcome {
+    pub exit_code: Option<i64>,
+    pub timed_out: bool,
+    pub duration: Duration,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
 }

@@ -23,6 +23,7 @@ pub struct RecoveryReport {
     pub marked_lost: usize,
     pub orphan_instances: usize,
     pub orphan_snapshots: usize,
+    pub orphan_agent_dirs: usize,
 }
 
 impl Sandboxes {
@@ -46,6 +47,7 @@ impl Sandboxes {
             .collect();
         self.remove_orphan_instances(&known, &mut report).await?;
         self.remove_orphan_snapshots(&known, &mut report).await?;
+        report.orphan_agent_dirs = self.agents.remove_orphans(&known).await?;
         info!(?report, "recovery done");
         Ok(report)
     }

@@ -21,6 +21,8 @@ use opensandbox_e2e::{
     HostOptions, S3Server, Value,
 };
 
+mod agent;
+
 const DEFAULT_RUNS: usize = 50;
 
 struct Args {
@@ -199,7 +201,12 @@ fn command_line(cmd: &str, args: &[&str]) -> String {
 }
 
 /// Runs every measurement; returns the rows, our run p50 and the docker exec p50.
-async fn measure(host: &Host, n: usize, image: &str) -> Result<(Vec<Row>, f64, f64)> {
+async fn measure(
+    host: &Host,
+    n: usize,
+    image: &str,
+    rates: &mut Vec<agent::Rate>,
+) -> Result<(Vec<Row>, f64, f64)> {
     let key = host.admin_key().await?;
     let mut rows = Vec::new();
 
@@ -215,24 +222,11 @@ async fn measure(host: &Host, n: usize, image: &str) -> Result<(Vec<Row>, f64, f
     }
     rows.push(Row::new("create (POST /vms)", s, Some(300.0)));
 
-    // run
-    progress("run echo hello");
+    // run: through the agent, and through the engine's exec
     host.create_vm_named(&key, "bench").await?;
-    for _ in 0..3 {
-        host.run_ok(&key, "bench", "echo hello").await?;
-    }
-    let mut s = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        let r = host.run(&key, "bench", "echo hello").await?;
-        s.push(ms(t.elapsed()));
-        if r.stdout != "hello\n" || r.exit_code != Some(0) {
-            bail!("run echo hello gave {}", r.brief());
-        }
-    }
-    let run_row = Row::new("run `echo hello`", s, Some(40.0));
-    let run_p50 = run_row.p50();
-    rows.push(run_row);
+    let run_rows = agent::run_rows(host, &key, "bench", n).await?;
+    let run_p50 = run_rows[0].p50();
+    rows.extend(run_rows);
 
     // snapshot with 1 MiB written
     progress("snapshot (1 MiB written)");
@@ -351,6 +345,11 @@ async fn measure(host: &Host, n: usize, image: &str) -> Result<(Vec<Row>, f64, f
     let exec_row = Row::new("baseline: `docker exec C echo hello`", s, None);
     let exec_p50 = exec_row.p50();
     rows.push(exec_row);
+
+    // throughput through the agent, with the docker CLI on the same container kind
+    host.create_vm_named(&key, "bench-stream").await?;
+    rates.extend(agent::throughput(host, &key, "bench-stream", &c, n.clamp(1, 3)).await?);
+    host.delete(&key, "bench-stream").await?;
     drop(guard);
 
     progress("baseline: btrfs subvolume snapshot -r");
@@ -606,11 +605,12 @@ async fn bench(args: Args) -> Result<()> {
     })
     .await?;
     host.set_log_on_drop(false);
+    let mut rates = Vec::new();
     let measured = async {
         let (mut rows, run_p50, exec_p50) = if args.transfer_only {
             (Vec::new(), f64::NAN, f64::NAN)
         } else {
-            measure(&host, n, &image).await?
+            measure(&host, n, &image, &mut rates).await?
         };
         if args.transfer {
             rows.extend(measure_transfer(&host, n.min(3)).await?);
@@ -652,6 +652,28 @@ async fn bench(args: Args) -> Result<()> {
         );
     }
     println!();
+    if !rates.is_empty() {
+        println!("| throughput (1 GiB) | median MiB/s | runs | target | met? |");
+        println!("|---|---:|---:|---:|:---:|");
+        for r in &rates {
+            let (target, met) = match r.target_mib_s {
+                Some(t) => (
+                    format!(">= {t:.0}"),
+                    if r.median() >= t { "yes" } else { "no" }.to_string(),
+                ),
+                None => ("—".to_string(), "—".to_string()),
+            };
+            println!(
+                "| {} | {:.0} | {} | {} | {} |",
+                r.op,
+                r.median(),
+                r.mib_s.len(),
+                target,
+                met
+            );
+        }
+        println!();
+    }
     if !args.transfer_only {
         println!(
             "docker exec (CLI) p50 / our run p50 = {:.1} / {:.1} = {:.2}x",
