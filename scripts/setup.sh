@@ -31,6 +31,9 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v tini >/dev/null || need+=(tini)
 command -v curl >/dev/null || need+=(curl)
 command -v zstd >/dev/null || need+=(zstd)
+# The agent is linked statically against glibc (scripts/build-agent.sh).
+command -v cc >/dev/null || need+=(gcc)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
