@@ -40,6 +40,9 @@ pub enum State {
 
 pub struct Process {
     pub pid: u32,
+    /// As started (kept whole so the host can start it again after a restore).
+    spec: ProcessSpec,
+    one_shot: bool,
     argv: Vec<String>,
     tag: String,
     user: String,
@@ -95,6 +98,8 @@ impl Process {
             started_at_ms: self.started_at_ms,
             user: self.user.clone(),
             stdin_open: self.lock_stdin().is_some(),
+            spec: Some(self.spec.clone()),
+            one_shot: self.one_shot,
         }
     }
 
@@ -262,6 +267,8 @@ impl Processes {
         };
         let proc = Arc::new(Process {
             pid,
+            spec: spec.clone(),
+            one_shot: !matches!(sink, Sink::Log),
             argv: spec.argv.clone(),
             tag: spec.tag.clone(),
             user: spec.user.clone(),

@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use opensandbox_e2e::stream::{attach, collect_output, sha256_hex, start_streaming, Ws, WsOutput};
+use opensandbox_e2e::stream::{
+    attach, collect_output, sha256_hex, sse_request, start_streaming, SseStream, Ws, WsOutput,
+};
 use opensandbox_e2e::{
     assert_error, assert_status, container_of_sandbox, docker, json, wait_until, workspace_root,
     Host, Method, Value,
@@ -759,24 +761,72 @@ async fn processes_survive_a_host_restart() -> Result<()> {
 // 11 ------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]
-async fn restore_reports_the_processes_it_stopped() -> Result<()> {
+async fn restore_restarts_background_processes_and_says_so() -> Result<()> {
     let (host, key) = setup("p").await?;
     host.snapshot(&key, "p", "s1").await?;
-    let pid = pid_of(&start(&host, &key, "p", json!({"command": "sleep 1000"})).await?)?;
+    let pid = pid_of(
+        &start(
+            &host,
+            &key,
+            "p",
+            json!({"command": "echo started $MARK; exec sleep 1000", "env": {"MARK": "m1"}}),
+        )
+        .await?,
+    )?;
     let restored = host.restore(&key, "p", "s1").await?;
-    let stopped: Vec<u64> = restored["stopped_processes"]
+    let restarted = restored["restarted_processes"]
         .as_array()
-        .with_context(|| format!("stopped_processes in {restored}"))?
+        .with_context(|| format!("restarted_processes in {restored}"))?;
+    let entry = restarted
+        .iter()
+        .find(|r| r["previous_pid"].as_u64() == Some(pid))
+        .with_context(|| format!("restarted_processes names {pid}: {restored}"))?;
+    let new_pid = entry["process"]["pid"]
+        .as_u64()
+        .with_context(|| format!("new pid in {entry}"))?;
+    assert_eq!(entry["process"]["running"], true, "{entry}");
+    // Started again with the same spec (env included).
+    let path = format!("/vms/p/processes/{new_pid}");
+    let printed = wait_until(SECS_30, Duration::from_millis(20), || async {
+        let resp = host.get(&path, Some(&key)).await?;
+        Ok(resp.1["output_end"].as_u64().unwrap_or(0) >= 11)
+    })
+    .await?;
+    assert!(printed, "the restarted process printed nothing");
+    let mut sse = SseStream::send(sse_request(
+        &host,
+        Method::GET,
+        &format!("{path}/output?from=0&follow=false"),
+        &key,
+    ))
+    .await?;
+    let out = collect_output(&mut sse, true, SECS_30).await?;
+    assert_eq!(out.bytes, b"started m1\n", "{}", out.brief());
+    assert_eq!(host.run_ok(&key, "p", "echo ok").await?, "ok\n");
+
+    // Asked not to, the restore only reports what it stopped.
+    let resp = host
+        .post(
+            "/vms/p/restore",
+            Some(&key),
+            json!({"snapshot": "s1", "restart_processes": false}),
+        )
+        .await?;
+    assert_status(&resp, 200);
+    let stopped: Vec<u64> = resp.1["stopped_processes"]
+        .as_array()
+        .with_context(|| format!("stopped_processes in {}", resp.1))?
         .iter()
         .filter_map(|p| p["pid"].as_u64())
         .collect();
     assert!(
-        stopped.contains(&pid),
-        "stopped_processes names {pid}: {restored}"
+        stopped.contains(&new_pid),
+        "stopped names {new_pid}: {}",
+        resp.1
     );
-    assert_eq!(host.run_ok(&key, "p", "echo ok").await?, "ok\n");
+    assert_eq!(resp.1["restarted_processes"], json!([]));
     let left = host
-        .get(&format!("/vms/p/processes/{pid}"), Some(&key))
+        .get(&format!("/vms/p/processes/{new_pid}"), Some(&key))
         .await?;
     assert!(
         left.0.as_u16() == 404 || left.1["running"] == false,

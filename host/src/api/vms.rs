@@ -169,6 +169,18 @@ pub struct SnapshotList {
 #[serde(deny_unknown_fields)]
 pub struct RestoreBody {
     pub snapshot: String,
+    /// Start the background processes that were running again after the
+    /// restore (default true).
+    pub restart_processes: Option<bool>,
+}
+
+/// A background process the restore started again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RestartedProcess {
+    /// Its pid before the restore.
+    pub previous_pid: u32,
+    /// The process now running in its place.
+    pub process: super::processes::ProcessView,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -177,7 +189,10 @@ pub struct RestoreResponse {
     pub snapshot: String,
     /// The sandbox was restarted: processes running before the restore are gone.
     pub restarted: bool,
-    /// The processes that were running and were stopped by the restore.
+    /// Background processes that were running and were started again.
+    pub restarted_processes: Vec<RestartedProcess>,
+    /// Processes that were running and are gone (terminals, one-shot runs,
+    /// or all of them with `restart_processes: false`).
     pub stopped_processes: Vec<super::processes::ProcessView>,
 }
 
@@ -399,15 +414,28 @@ pub async fn restore(
     Path(name): Path<String>,
     ApiJson(body): ApiJson<RestoreBody>,
 ) -> Result<Json<RestoreResponse>, ApiError> {
-    let (sandbox, stopped) = state
+    let (sandbox, processes) = state
         .sandboxes
-        .restore(key.id, &name, &body.snapshot)
+        .restore(
+            key.id,
+            &name,
+            &body.snapshot,
+            body.restart_processes.unwrap_or(true),
+        )
         .await?;
     Ok(Json(RestoreResponse {
         vm: sandbox.into(),
         snapshot: body.snapshot,
         restarted: true,
-        stopped_processes: stopped.into_iter().map(Into::into).collect(),
+        restarted_processes: processes
+            .restarted
+            .into_iter()
+            .map(|(previous_pid, process)| RestartedProcess {
+                previous_pid,
+                process: process.into(),
+            })
+            .collect(),
+        stopped_processes: processes.stopped.into_iter().map(Into::into).collect(),
     }))
 }
 

@@ -119,6 +119,15 @@ pub enum AgentStatus {
     Absent,
 }
 
+/// What a restore did to the processes that were running.
+#[derive(Debug, Default)]
+pub struct RestoredProcesses {
+    /// (pid before, the process started again in its place).
+    pub restarted: Vec<(u32, pb::ProcessInfo)>,
+    /// Gone and not started again (terminals, one-shot runs, failed restarts).
+    pub stopped: Vec<pb::ProcessInfo>,
+}
+
 /// Where a new sandbox's root filesystem comes from.
 enum RootOrigin<'a> {
     /// The image, as the runtime creates it.
@@ -554,22 +563,33 @@ impl Sandboxes {
     }
 
     #[instrument(skip(self, owner))]
-    /// Returns the sandbox and the processes that were running before: the
-    /// restore restarts the sandbox, so they are gone.
+    /// Restores the root filesystem and restarts the sandbox. Background
+    /// processes that were running are started again from their specs (with
+    /// `restart_processes`); terminals and one-shot runs cannot be, and are
+    /// reported as stopped.
     pub async fn restore(
         &self,
         owner: Uuid,
         vm: &str,
         snapshot: &str,
-    ) -> Result<(Sandbox, Vec<pb::ProcessInfo>)> {
+        restart_processes: bool,
+    ) -> Result<(Sandbox, RestoredProcesses)> {
         let (sandbox, _guard) = self.lock_with_snapshot(owner, vm, snapshot).await?;
         self.rootfs_of(&sandbox)?;
-        let stopped = self.running_processes(&sandbox).await;
+        let running = self.running_processes(&sandbox).await;
         self.store
             .set_state(sandbox.id, SandboxState::Restoring, Some(snapshot))
             .await?;
         self.finish_restore(&sandbox, snapshot).await?;
-        Ok((self.get(owner, vm).await?, stopped))
+        let processes = if restart_processes {
+            self.restart_processes(&sandbox, running).await
+        } else {
+            RestoredProcesses {
+                restarted: Vec::new(),
+                stopped: running,
+            }
+        };
+        Ok((self.get(owner, vm).await?, processes))
     }
 
     /// Stop, swap the root filesystem for a writable copy of the snapshot,

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
 use super::plugged::HookOutcome;
-use super::{Result, RunCommand, SandboxError, Sandboxes};
+use super::{RestoredProcesses, Result, RunCommand, SandboxError, Sandboxes};
 use crate::agent::{pb, AgentError, Client};
 use crate::names;
 use crate::runtimes::{ExecOutcome, ExecRequest};
@@ -348,6 +348,42 @@ impl Sandboxes {
             .await
             .map_err(|s| process_error(pid, s))?;
         Ok(())
+    }
+
+    /// Starts again, from their specs, the background processes a restore
+    /// stopped. Terminals (their client is gone) and one-shot runs (their
+    /// caller got an error) are not restarted.
+    pub(super) async fn restart_processes(
+        &self,
+        sandbox: &Sandbox,
+        running: Vec<pb::ProcessInfo>,
+    ) -> RestoredProcesses {
+        let mut done = RestoredProcesses::default();
+        let mut client = self.agents.client(sandbox.id);
+        for process in running {
+            let spec = match &process.spec {
+                Some(spec) if !process.pty && !process.one_shot => spec.clone(),
+                _ => {
+                    done.stopped.push(process);
+                    continue;
+                }
+            };
+            match client.start(spec).await {
+                Ok(started) => {
+                    info!(
+                        before = process.pid,
+                        now = started.get_ref().pid,
+                        "process restarted after restore"
+                    );
+                    done.restarted.push((process.pid, started.into_inner()));
+                }
+                Err(status) => {
+                    warn!(pid = process.pid, error = %status.message(), "could not restart a process after restore");
+                    done.stopped.push(process);
+                }
+            }
+        }
+        done
     }
 
     /// The processes running now (best effort: used to say what a restore stopped).
