@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use opensandbox_e2e::stream::{
-    attach, collect_output, sha256_hex, sse_request, start_streaming, SseStream, Ws, WsOutput,
+    attach, collect_output, sha256_hex, sse_request, start_streaming, SseStream, Ws, WsEvent,
+    WsOutput,
 };
 use opensandbox_e2e::{
     assert_error, assert_status, container_of_sandbox, docker, json, wait_until, workspace_root,
@@ -261,6 +262,103 @@ async fn background_process_output_replays_from_any_offset() -> Result<()> {
 /// (about 14 MiB/s: the debug-built host encodes and this test client decodes base64
 /// JSON events), plus 8 s to write and hash it in the sandbox.
 const BIG: u64 = 256 << 20;
+
+/// Writes `bytes` of random data to /tmp/big in the sandbox; returns its SHA-256.
+async fn random_file(host: &Host, key: &str, vm: &str, bytes: u64) -> Result<String> {
+    let r = host
+        .run_with(
+            key,
+            vm,
+            json!({
+                "command": format!("head -c {bytes} /dev/urandom > /tmp/big && sha256sum /tmp/big"),
+                "timeout_ms": 300000
+            }),
+        )
+        .await?;
+    assert_eq!(r.exit_code, Some(0), "{}", r.brief());
+    Ok(r.stdout
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// 1 GiB through the WebSocket stream (binary frames), hashed as it arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_a_gibibyte_over_websocket_with_its_checksum() -> Result<()> {
+    const GIB: u64 = 1 << 30;
+    let (host, key) = setup("big").await?;
+    let want = random_file(&host, &key, "big", GIB).await?;
+    let t = Instant::now();
+    let mut ws = Ws::start(&host, &key, "big", &json!({"command": "cat /tmp/big"})).await?;
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let (mut next, mut exited) = (0u64, None);
+    while exited.is_none() {
+        match ws.next_within(Duration::from_secs(120)).await? {
+            WsEvent::Output { offset, data, .. } => {
+                assert_eq!(offset, next, "frames are contiguous and in order");
+                next += data.len() as u64;
+                sha2::Digest::update(&mut hasher, &data);
+            }
+            WsEvent::Json(v) if v["type"] == "exited" => exited = Some(v),
+            WsEvent::Json(v) if v["type"] == "error" || v["type"] == "lost" => {
+                bail!("unexpected {v} at offset {next}")
+            }
+            WsEvent::Json(_) => {}
+            WsEvent::Closed => bail!("closed at offset {next} before the exit"),
+        }
+    }
+    let exited = exited.unwrap_or_default();
+    eprintln!("streamed {next} bytes over WebSocket in {:?}", t.elapsed());
+    assert_eq!(next, GIB);
+    assert_eq!(exited["end_offset"], GIB, "{exited}");
+    assert_eq!(exited["exit_code"], 0, "{exited}");
+    let got: String = sha2::Digest::finalize(hasher)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(got, want, "sha256 of the streamed bytes");
+    Ok(())
+}
+
+/// A reader that stops reading slows the process down: its output does not
+/// pile up in the host or the agent beyond bounded buffers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_reader_gets_backpressure() -> Result<()> {
+    const TOTAL: u64 = 2 << 30;
+    let (host, key) = setup("slow").await?;
+    let mut sse = start_streaming(
+        &host,
+        &key,
+        "slow",
+        json!({"argv": ["head", "-c", TOTAL.to_string(), "/dev/zero"]}),
+    )
+    .await?;
+    let first = sse.next_within(SECS_30).await?;
+    assert_eq!(first.event, "started", "{first:?}");
+    let pid = first.data["pid"].as_u64().context("pid")?;
+    // Stop reading for a while; the process must stall far below its total.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let view = host
+        .get(&format!("/vms/slow/processes/{pid}"), Some(&key))
+        .await?;
+    let produced = view.1["output_end"].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(view.1["running"], true, "{}", view.1);
+    eprintln!("with the reader stalled for 3 s the process produced {produced} bytes");
+    // Bounds: the 1 MiB replay buffer, the HTTP/2 windows (8 + 16 MiB), the
+    // event queues and the sockets' buffers; far less than 2 GiB.
+    assert!(
+        produced < 256 << 20,
+        "a stalled reader let the process produce {produced} bytes"
+    );
+    host.post(
+        &format!("/vms/slow/processes/{pid}/signal"),
+        Some(&key),
+        json!({"signal": "KILL"}),
+    )
+    .await?;
+    Ok(())
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_256_mib_with_its_checksum() -> Result<()> {
