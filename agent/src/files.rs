@@ -44,13 +44,27 @@ pub fn check_path(path: &str) -> Result<PathBuf> {
             "path longer than {MAX_PATH} bytes"
         )));
     }
-    let normal = normalize(Path::new(path));
-    if normal.starts_with(AGENT_DIR) || resolves_into_agent_dir(Path::new(path)) {
+    // A trailing `/` (or `/.`) makes the kernel follow a final symlink even
+    // for lstat and O_NOFOLLOW: `/tmp/link-to-root/` would act on `/`. The
+    // operations here act on the named entry itself, so drop it.
+    let mut trimmed = path;
+    loop {
+        let shorter = trimmed
+            .strip_suffix("/.")
+            .or_else(|| trimmed.strip_suffix('/'))
+            .filter(|s| !s.is_empty());
+        match shorter {
+            Some(s) => trimmed = s,
+            None => break,
+        }
+    }
+    let normal = normalize(Path::new(trimmed));
+    if normal.starts_with(AGENT_DIR) || resolves_into_agent_dir(Path::new(trimmed)) {
         return Err(Error::PermissionDenied(format!(
             "{path}: the agent's own files are off limits"
         )));
     }
-    Ok(PathBuf::from(path))
+    Ok(PathBuf::from(trimmed))
 }
 
 /// Whether the path, with its symlinks followed, lands under `/.opensandbox`
@@ -94,6 +108,10 @@ fn normalize(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+fn is_symlink(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
 }
 
 fn display(path: &Path) -> String {
@@ -244,7 +262,8 @@ pub fn move_path(from: &str, to: &str, overwrite: bool) -> Result<FileInfo> {
 
 pub fn remove(path: &str, recursive: bool) -> Result<()> {
     let p = check_path(path)?;
-    if normalize(&p) == Path::new("/") {
+    let resolved = fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
+    if normalize(&p) == Path::new("/") || (resolved == Path::new("/") && !is_symlink(&p)) {
         return Err(Error::PermissionDenied("refusing to remove /".into()));
     }
     let md = fs::symlink_metadata(&p).map_err(|e| Error::io(path, e))?;
@@ -452,6 +471,9 @@ mod tests {
             );
         }
         assert!(check_path("/.opensandboxx").is_ok());
+        assert_eq!(check_path("/tmp/l/").unwrap(), PathBuf::from("/tmp/l"));
+        assert_eq!(check_path("/tmp/l/./").unwrap(), PathBuf::from("/tmp/l"));
+        assert_eq!(check_path("/").unwrap(), PathBuf::from("/"));
         assert!(check_path("/tmp/.opensandbox").is_ok());
     }
 

@@ -27,6 +27,11 @@ const READ_CHUNK: usize = 256 * 1024;
 /// through the line discipline; wait this long for more before giving up
 /// (when a background process keeps the terminal open).
 const PTY_DRAIN_GRACE: Duration = Duration::from_millis(100);
+/// After the process exits, its pipes are drained for at most this long and
+/// this many bytes: a background child that keeps writing (`yes &`) must not
+/// keep the process "running" forever.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
+const DRAIN_BUDGET: usize = 16 * 1024 * 1024;
 
 #[derive(Clone, Copy, Debug)]
 pub enum State {
@@ -405,7 +410,13 @@ impl Processes {
 
     pub async fn write_stdin(&self, pid: u32, data: Bytes, close: bool) -> Result<()> {
         let p = self.get(pid)?;
-        let _serial = p.stdin_write.lock().await;
+        // One write at a time; a second caller is refused rather than queued
+        // (each queued caller would hold its whole payload in memory).
+        let _serial = p.stdin_write.try_lock().map_err(|_| {
+            Error::FailedPrecondition(format!(
+                "another write to the stdin of process {pid} is in progress"
+            ))
+        })?;
         let fd = p
             .lock_stdin()
             .clone()
@@ -510,6 +521,9 @@ struct Source {
     grace: Option<Duration>,
     chunk: usize,
     buf: BytesMut,
+    /// Set at the exit: the end of the drain.
+    drain_until: Option<Instant>,
+    drained: usize,
 }
 
 impl Source {
@@ -526,12 +540,20 @@ impl Source {
             grace,
             chunk: chunk.max(1),
             buf: BytesMut::new(),
+            drain_until: None,
+            drained: 0,
         }
     }
 
     async fn next(&mut self) -> Option<Bytes> {
         loop {
             let r = if self.exited {
+                let deadline = *self
+                    .drain_until
+                    .get_or_insert_with(|| Instant::now() + DRAIN_DEADLINE);
+                if Instant::now() >= deadline || self.drained >= DRAIN_BUDGET {
+                    return None;
+                }
                 match self.grace {
                     None => self.fd.try_read_buf(&mut self.buf, self.chunk),
                     Some(g) => {
@@ -555,7 +577,12 @@ impl Source {
             };
             return match r {
                 Ok(0) => None,
-                Ok(_) => Some(self.buf.split().freeze()),
+                Ok(n) => {
+                    if self.exited {
+                        self.drained += n;
+                    }
+                    Some(self.buf.split().freeze())
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => None,
             };

@@ -28,16 +28,30 @@ use crate::processes::{to_exit, Process, Processes, State};
 /// process (through the output log's backpressure) quickly.
 const EVENT_QUEUE: usize = 8;
 
+/// File transfers at once. Each holds a blocking-pool thread for its whole
+/// length (paced by the client), so stalled clients must not use up the pool.
+const MAX_TRANSFERS: usize = 64;
+
 pub struct AgentService {
     processes: Arc<Processes>,
     started: Instant,
+    transfers: Arc<tokio::sync::Semaphore>,
 }
 
 impl AgentService {
+    fn transfer_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.transfers.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "too many file transfers at once (at most {MAX_TRANSFERS})"
+            ))
+        })
+    }
+
     pub fn new(processes: Arc<Processes>) -> Self {
         Self {
             processes,
             started: Instant::now(),
+            transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
         }
     }
 }
@@ -56,7 +70,12 @@ async fn stream_events(
     follow: bool,
     tx: mpsc::Sender<Result<pb::ProcessEvent, Status>>,
 ) {
-    while let Some(item) = reader.next(follow).await {
+    loop {
+        let item = tokio::select! {
+            item = reader.next(follow) => item,
+            () = tx.closed() => return,
+        };
+        let Some(item) = item else { break };
         let ev = match item {
             Item::Data {
                 stream,
@@ -82,7 +101,12 @@ async fn stream_events(
     }
     drop(reader);
     let state = if follow {
-        proc.wait().await
+        // A client that leaves while a silent process runs on must not keep
+        // this task waiting for the exit.
+        tokio::select! {
+            state = proc.wait() => state,
+            () = tx.closed() => return,
+        }
     } else {
         proc.state()
     };
@@ -259,11 +283,15 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::ReadFileRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        let permit = self.transfer_permit()?;
         let path = req.into_inner().path;
         let p = path.clone();
         let (file, info) = blocking(move || files::open_for_read(&p)).await?;
         let (data_tx, mut data_rx) = mpsc::channel::<crate::error::Result<Bytes>>(4);
-        tokio::task::spawn_blocking(move || files::read_into(file, &path, data_tx));
+        tokio::task::spawn_blocking(move || {
+            files::read_into(file, &path, data_tx);
+            drop(permit);
+        });
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let chunk = |c| Ok(pb::FileChunk { chunk: Some(c) });
@@ -287,6 +315,7 @@ impl Agent for AgentService {
         &self,
         req: Request<Streaming<pb::WriteFileRequest>>,
     ) -> Result<Response<pb::FileInfo>, Status> {
+        let _permit = self.transfer_permit()?;
         let mut stream = req.into_inner();
         let header = match stream.message().await? {
             Some(pb::WriteFileRequest {

@@ -871,3 +871,31 @@ async fn a_broken_upload_leaves_nothing() -> Result<()> {
     assert_eq!(read(&host, &key, "f", "/up/keep.bin").await?, b"original");
     Ok(())
 }
+
+/// A trailing slash makes the kernel follow a final symlink even for lstat:
+/// removing `/tmp/l/` where `/tmp/l -> /` must remove the link, not the root.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trailing_slash_never_removes_through_a_symlink() -> Result<()> {
+    let (host, key) = setup("f").await?;
+    host.run_ok(&key, "f", "ln -s / /tmp/l && ln -s /etc /tmp/e")
+        .await?;
+    for path in ["%2Ftmp%2Fl%2F", "%2Ftmp%2Fe%2F.%2F"] {
+        let resp = host
+            .delete_req(
+                &format!("/vms/f/files?path={path}&recursive=true"),
+                Some(&key),
+            )
+            .await?;
+        assert_status(&resp, 204);
+    }
+    assert_eq!(
+        host.run_ok(
+            &key,
+            "f",
+            "test -e /etc/passwd && test ! -e /tmp/l && test ! -e /tmp/e && echo intact"
+        )
+        .await?,
+        "intact\n"
+    );
+    Ok(())
+}

@@ -1141,3 +1141,18 @@ async fn image_without_a_shell_or_libc() -> Result<()> {
     assert_error(&resp, 404, "path_not_found");
     Ok(())
 }
+
+/// Frames a client sends right after the start request (before `started`
+/// comes back) reach the process instead of being dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_frames_sent_before_started_are_kept() -> Result<()> {
+    let (host, key) = setup("ws").await?;
+    let mut ws = Ws::start(&host, &key, "ws", &json!({"command": "cat", "stdin": true})).await?;
+    ws.send_binary(b"early bytes\n").await?;
+    ws.send_json(&json!({"type": "close_stdin"})).await?;
+    let mut out = WsOutput::default();
+    out.read_until(&mut ws, SECS_30, |o| o.exited.is_some())
+        .await?;
+    assert_eq!(out.text(), "early bytes\n", "{}", out.brief());
+    Ok(())
+}

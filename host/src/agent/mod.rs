@@ -176,6 +176,10 @@ impl Agents {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .connect_timeout(Duration::from_secs(2))
+            // A frozen or vanished agent fails calls instead of hanging them.
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
             .connect_with_connector_lazy(tower::service_fn(move |_| {
                 let path = path.clone();
                 async move { socket::connect(&path).await.map(TokioIo::new) }

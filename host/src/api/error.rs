@@ -102,7 +102,7 @@ impl From<SandboxError> for ApiError {
                 error!(error = %err, "agent error");
                 (StatusCode::BAD_GATEWAY, "agent_error")
             }
-            E::TooManyProcesses(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_processes"),
+            E::AgentBusy(_) => (StatusCode::TOO_MANY_REQUESTS, "agent_busy"),
             E::ProcessNotFound(_) => (StatusCode::NOT_FOUND, "process_not_found"),
             E::ProcessState(_) => (StatusCode::CONFLICT, "process_state"),
             E::PathNotFound(_) => (StatusCode::NOT_FOUND, "path_not_found"),

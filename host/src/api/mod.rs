@@ -28,8 +28,9 @@ pub use error::ApiError;
 
 /// Largest request body; commands and names are small.
 const BODY_LIMIT: usize = 1024 * 1024;
-/// Largest single stdin write (use the WebSocket for a continuous stream).
-const STDIN_LIMIT: usize = 16 * 1024 * 1024;
+/// Largest single stdin write (use the WebSocket for a continuous stream);
+/// below the agent connection's 16 MiB message cap with room for framing.
+const STDIN_LIMIT: usize = 8 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct AppState {

@@ -572,10 +572,24 @@ async fn serve_ws(
         }
         let _ = sink.send(Message::Close(None)).await;
     };
+    // Client frames are read continuously (so a departing client is seen at
+    // once) and applied in order by a separate writer, whose calls may block
+    // on a process that does not read its stdin.
+    let (to_writer, mut requests) = tokio::sync::mpsc::channel::<Message>(16);
     let inbound = async move {
         while let Some(Ok(message)) = incoming.next().await {
-            let Some(pid) = *pid_rx.borrow() else {
-                continue;
+            if matches!(message, Message::Close(_)) || to_writer.send(message).await.is_err() {
+                return;
+            }
+        }
+    };
+    let writer = async move {
+        let mut pid_rx = pid_rx;
+        while let Some(message) = requests.recv().await {
+            // Frames sent right after a start wait for its pid, not dropped.
+            let pid = match pid_rx.wait_for(Option::is_some).await {
+                Ok(pid) => pid.unwrap_or_default(),
+                Err(_) => return,
             };
             let result = match message {
                 Message::Binary(data) => {
@@ -615,19 +629,21 @@ async fn serve_ws(
                         Ok(())
                     }
                 },
-                Message::Close(_) => return,
                 _ => Ok(()),
             };
             if let Err(err) = result {
                 debug!(error = %err, "websocket request failed");
             }
         }
+        // The client is gone; wait here so that only the other two end it.
+        std::future::pending::<()>().await;
     };
     // Either side ends it: the process exited, or the client left (which
     // detaches; the process goes on).
     tokio::select! {
         () = outbound => {}
         () = inbound => {}
+        () = writer => {}
     }
 }
 

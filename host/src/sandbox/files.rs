@@ -44,6 +44,7 @@ fn file_error(err: AgentError) -> SandboxError {
         Some(tonic::Code::NotFound) => SandboxError::PathNotFound(err.to_string()),
         Some(tonic::Code::AlreadyExists) => SandboxError::PathExists(err.to_string()),
         Some(tonic::Code::PermissionDenied) => SandboxError::PathRefused(err.to_string()),
+        Some(tonic::Code::ResourceExhausted) => SandboxError::AgentBusy(err.to_string()),
         Some(tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition) => {
             SandboxError::InvalidRequest(err.to_string())
         }

@@ -72,8 +72,9 @@ pub enum SandboxError {
     NoAgent(String),
     #[error(transparent)]
     Agent(AgentError),
+    /// The agent's limits: running processes (4096) or file transfers (64) at once.
     #[error("{0}")]
-    TooManyProcesses(String),
+    AgentBusy(String),
     #[error("process {0} not found")]
     ProcessNotFound(u32),
     /// The process cannot do that now (stdin closed, not a terminal).

@@ -492,7 +492,7 @@ fn start_error(err: AgentError) -> SandboxError {
     match err.code() {
         Some(tonic::Code::FailedPrecondition) => SandboxError::CommandNotStarted(err.to_string()),
         Some(tonic::Code::InvalidArgument) => SandboxError::InvalidRequest(err.to_string()),
-        Some(tonic::Code::ResourceExhausted) => SandboxError::TooManyProcesses(err.to_string()),
+        Some(tonic::Code::ResourceExhausted) => SandboxError::AgentBusy(err.to_string()),
         _ => SandboxError::Agent(err),
     }
 }
