@@ -507,19 +507,6 @@ fn process_error(pid: u32, status: tonic::Status) -> SandboxError {
     }
 }
 
-impl From<RunCommand> for StartProcess {
-    fn from(run: RunCommand) -> Self {
-        Self {
-            command: Some(run.command),
-            env: run.env,
-            cwd: run.cwd,
-            user: run.user,
-            timeout_ms: run.timeout_ms,
-            ..Default::default()
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
