@@ -10,7 +10,7 @@ use futures_util::{Stream, StreamExt};
 use tracing::{info, instrument, warn};
 
 use super::plugged::HookOutcome;
-use super::{RestoredProcesses, Result, RunCommand, SandboxError, Sandboxes};
+use super::{RestoredProcesses, Result, SandboxError, Sandboxes};
 use crate::agent::{pb, AgentError, Client};
 use crate::names;
 use crate::runtimes::{ExecOutcome, ExecRequest};
