@@ -1,8 +1,8 @@
 //! The export pipeline: `btrfs send` (with `-p` when an older snapshot of the
 //! same sandbox was exported and is still here) -> zstd -> SHA-256 -> S3
-//! multipart parts, uploaded while the stream is produced (one part in
-//! memory, one in flight). A failure aborts the upload; the manifest goes up
-//! last, so a visible manifest means a complete export.
+//! multipart parts, uploaded while the stream is produced (one part being
+//! filled, up to [`PARTS_IN_FLIGHT`] uploading). A failure aborts the upload;
+//! the manifest goes up last, so a visible manifest means a complete export.
 
 use std::ffi::OsStr;
 use std::process::Stdio;
@@ -101,7 +101,8 @@ pub async fn run(
     s3.put(&manifest_key, json.clone(), "application/json")
         .await?;
     info!(job = %job.id, key = %manifest_key, bytes = sent.compressed,
-        incremental = base.is_some(), "snapshot exported");
+        incremental = base.is_some(), produce_ms = sent.produce_ms,
+        upload_wait_ms = sent.upload_wait_ms, "snapshot exported");
     job.object_key = Some(manifest_key);
     job.manifest = Some(String::from_utf8_lossy(&json).into_owned());
     job.bytes_total = Some(sent.compressed);
@@ -151,9 +152,21 @@ struct Sent {
     compressed: u64,
     stream: u64,
     sha256: String,
+    /// Time spent producing parts (btrfs send, zstd, SHA-256).
+    produce_ms: u128,
+    /// Time spent waiting for a free upload slot and for the last parts.
+    upload_wait_ms: u128,
 }
 
 /// Streams `btrfs send` through zstd into the upload's parts and completes it.
+///
+/// One task reads, compresses and hashes the stream into [`PART_SIZE`]
+/// buffers; each full buffer is uploaded on a task of its own, at most
+/// [`PARTS_IN_FLIGHT`] at a time, while the next one is produced. Memory is
+/// bounded by `(PARTS_IN_FLIGHT + 1) * PART_SIZE` (64 MiB uploading and
+/// 16 MiB being filled). A failure stops the part uploads still running
+/// before it is returned, so the caller's abort of the upload is the last
+/// request for it.
 async fn send(
     s3: &ObjectStore,
     upload: &Upload,
@@ -177,42 +190,54 @@ async fn send(
     let mut encoder = ZstdEncoder::new(BufReader::with_capacity(1024 * 1024, counted));
 
     let mut hasher = Sha256::new();
-    let mut parts = Vec::new();
-    let mut in_flight: Option<tokio::task::JoinHandle<crate::s3::Result<_>>> = None;
+    let mut parts = PartsInFlight::new(PARTS_IN_FLIGHT);
     let mut number = 0i32;
     let mut compressed = 0u64;
-    loop {
-        let mut buf = Vec::with_capacity(PART_SIZE);
-        (&mut encoder)
-            .take(PART_SIZE as u64)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| JobFailure::Stream(format!("reading the send stream: {e}")))?;
-        let last = buf.len() < PART_SIZE;
-        if buf.is_empty() && number > 0 {
-            break;
+    let mut produce = std::time::Duration::ZERO;
+    let mut upload_wait = std::time::Duration::ZERO;
+    let result: Result<(), JobFailure> = async {
+        loop {
+            let started = std::time::Instant::now();
+            let mut buf = Vec::with_capacity(PART_SIZE);
+            (&mut encoder)
+                .take(PART_SIZE as u64)
+                .read_to_end(&mut buf)
+                .await
+                .map_err(|e| JobFailure::Stream(format!("reading the send stream: {e}")))?;
+            let last = buf.len() < PART_SIZE;
+            if buf.is_empty() && number > 0 {
+                break;
+            }
+            hasher.update(&buf);
+            produce += started.elapsed();
+            compressed += buf.len() as u64;
+            number += 1;
+            let waited = std::time::Instant::now();
+            parts.wait_for_slot().await?;
+            upload_wait += waited.elapsed();
+            let s3 = s3.clone();
+            let upload = upload.clone();
+            let data = Bytes::from(buf);
+            let n = number;
+            parts.start(n, async move { s3.upload_part(&upload, n, data).await });
+            progress.store(compressed, Ordering::Relaxed);
+            if last {
+                break;
+            }
         }
-        hasher.update(&buf);
-        compressed += buf.len() as u64;
-        number += 1;
-        if let Some(previous) = in_flight.take() {
-            parts.push(join_part(previous).await?);
-        }
-        let s3 = s3.clone();
-        let upload = upload.clone();
-        let data = Bytes::from(buf);
-        let n = number;
-        in_flight = Some(tokio::spawn(async move {
-            s3.upload_part(&upload, n, data).await
-        }));
-        progress.store(compressed, Ordering::Relaxed);
-        if last {
-            break;
-        }
+        Ok(())
     }
-    if let Some(previous) = in_flight.take() {
-        parts.push(join_part(previous).await?);
+    .await;
+    if let Err(err) = result {
+        parts.stop().await;
+        return Err(err);
     }
+    let waited = std::time::Instant::now();
+    let parts = match parts.finish().await {
+        Ok(parts) => parts,
+        Err(err) => return Err(err),
+    };
+    upload_wait += waited.elapsed();
     drop(encoder);
     wait_btrfs("btrfs send", child, stderr).await?;
     s3.complete_upload(upload, parts).await?;
@@ -220,14 +245,130 @@ async fn send(
         compressed,
         stream: stream_bytes.load(Ordering::Relaxed),
         sha256: hex::encode(hasher.finalize()),
+        produce_ms: produce.as_millis(),
+        upload_wait_ms: upload_wait.as_millis(),
     })
 }
 
-async fn join_part(
-    handle: tokio::task::JoinHandle<crate::s3::Result<aws_sdk_s3::types::CompletedPart>>,
-) -> Result<aws_sdk_s3::types::CompletedPart, JobFailure> {
-    match handle.await {
-        Ok(part) => Ok(part?),
-        Err(e) => Err(JobFailure::Stream(format!("part upload task failed: {e}"))),
+/// How many parts upload at once: enough to keep an S3 server that handles
+/// requests concurrently busy while the next part is compressed.
+const PARTS_IN_FLIGHT: usize = 4;
+
+/// The part uploads of one multipart upload that are running, at most
+/// `limit` at a time, and the parts they completed. The completed parts come
+/// back in part-number order whatever order they finished in, as
+/// CompleteMultipartUpload wants them.
+struct PartsInFlight<T> {
+    limit: usize,
+    running: tokio::task::JoinSet<Result<(i32, T), JobFailure>>,
+    done: Vec<(i32, T)>,
+}
+
+impl<T: Send + 'static> PartsInFlight<T> {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit: limit.max(1),
+            running: tokio::task::JoinSet::new(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Waits until fewer than `limit` uploads run, failing with the first
+    /// upload that failed.
+    async fn wait_for_slot(&mut self) -> Result<(), JobFailure> {
+        while self.running.len() >= self.limit {
+            self.join_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts uploading part `number`; call [`Self::wait_for_slot`] first.
+    fn start<F, E>(&mut self, number: i32, upload: F)
+    where
+        F: std::future::Future<Output = Result<T, E>> + Send + 'static,
+        E: Into<JobFailure>,
+    {
+        debug_assert!(self.running.len() < self.limit);
+        self.running
+            .spawn(async move { upload.await.map(|part| (number, part)).map_err(Into::into) });
+    }
+
+    async fn join_one(&mut self) -> Result<(), JobFailure> {
+        match self.running.join_next().await {
+            Some(Ok(Ok(part))) => {
+                self.done.push(part);
+                Ok(())
+            }
+            Some(Ok(Err(err))) => Err(err),
+            Some(Err(e)) => Err(JobFailure::Stream(format!("part upload task failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for every upload; the completed parts in part-number order.
+    async fn finish(mut self) -> Result<Vec<T>, JobFailure> {
+        while !self.running.is_empty() {
+            if let Err(err) = self.join_one().await {
+                self.stop().await;
+                return Err(err);
+            }
+        }
+        self.done.sort_by_key(|(number, _)| *number);
+        Ok(self.done.into_iter().map(|(_, part)| part).collect())
+    }
+
+    /// Cancels the uploads still running and waits until they are gone.
+    async fn stop(&mut self) {
+        self.running.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn parts_come_back_in_order_with_at_most_the_limit_running() {
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let mut parts = PartsInFlight::new(3);
+        for n in 1..=10i32 {
+            parts.wait_for_slot().await.unwrap();
+            let (running, most) = (Arc::clone(&running), Arc::clone(&most));
+            parts.start(n, async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                // Later parts finish first.
+                tokio::time::sleep(Duration::from_millis(5 * (11 - n as u64))).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, JobFailure>(format!("etag-{n}"))
+            });
+        }
+        let done = parts.finish().await.unwrap();
+        let want: Vec<String> = (1..=10).map(|n| format!("etag-{n}")).collect();
+        assert_eq!(done, want);
+        assert_eq!(most.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_part_fails_and_stops_the_others() {
+        let finished = Arc::new(AtomicUsize::new(0));
+        let mut parts = PartsInFlight::new(4);
+        for n in 1..=3i32 {
+            let finished = Arc::clone(&finished);
+            parts.start(n, async move {
+                if n == 2 {
+                    return Err(JobFailure::Stream("part 2 refused".into()));
+                }
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                finished.fetch_add(1, Ordering::SeqCst);
+                Ok(n)
+            });
+        }
+        let err = parts.finish().await.unwrap_err();
+        assert!(err.to_string().contains("part 2 refused"), "{err}");
+        assert_eq!(finished.load(Ordering::SeqCst), 0);
     }
 }

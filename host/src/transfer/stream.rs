@@ -110,9 +110,28 @@ pub fn spawn_btrfs(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| JobFailure::Stream(format!("cannot run btrfs: {e}")))?;
+    if let Some(stdout) = &child.stdout {
+        widen_pipe(stdout);
+    }
+    if let Some(stdin) = &child.stdin {
+        widen_pipe(stdin);
+    }
     let stderr = child.stderr.take();
     let collector = tokio::spawn(collect_stderr(stderr));
     Ok((child, collector))
+}
+
+/// Size asked for the pipes to and from `btrfs`: the default 64 KiB makes
+/// the stream move in many small reads and wake-ups.
+const PIPE_SIZE: libc::c_int = 1024 * 1024;
+
+/// Enlarges a pipe to [`PIPE_SIZE`]; a refusal (a lower
+/// /proc/sys/fs/pipe-max-size for an unprivileged host) keeps the default.
+fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
+    // SAFETY: F_SETPIPE_SZ on a descriptor we own only changes its capacity.
+    unsafe {
+        libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
+    }
 }
 
 async fn collect_stderr(stderr: Option<ChildStderr>) -> String {
