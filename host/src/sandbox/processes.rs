@@ -84,13 +84,11 @@ impl Sandboxes {
         Ok(ExecOutcome {
             stdout: reply.stdout.to_vec(),
             stderr: reply.stderr.to_vec(),
-            exit_code: match reply.exit.and_then(|e| e.how) {
-                Some(pb::exit::How::Code(code)) => Some(i64::from(code)),
-                // The shell convention, so a signalled command is not "null".
-                Some(pb::exit::How::Signal(signal)) if !reply.timed_out => {
-                    Some(128 + i64::from(signal))
-                }
-                _ => None,
+            // A command killed by its timeout has no exit code (as with the
+            // engine's exec); other signals read as 128 + n, like a shell.
+            exit_code: match reply.exit.as_ref().and_then(|e| e.how) {
+                Some(pb::exit::How::Signal(_)) if reply.timed_out => None,
+                _ => exit_code(reply.exit.as_ref()),
             },
             timed_out: reply.timed_out,
             stdout_truncated: reply.stdout_truncated,

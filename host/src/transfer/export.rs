@@ -233,10 +233,7 @@ async fn send(
         return Err(err);
     }
     let waited = std::time::Instant::now();
-    let parts = match parts.finish().await {
-        Ok(parts) => parts,
-        Err(err) => return Err(err),
-    };
+    let parts = parts.finish().await?;
     upload_wait += waited.elapsed();
     drop(encoder);
     wait_btrfs("btrfs send", child, stderr).await?;

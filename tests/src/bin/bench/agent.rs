@@ -249,12 +249,10 @@ pub async fn throughput(
             progress(&format!("throughput run {}/{runs}", i + 1));
             let t = Instant::now();
             let got = stream_sse(host, key, vm, bytes).await?;
-            let (elapsed, rate) = (ms(t.elapsed()), mib_s(got, ms(t.elapsed())));
             if got != bytes {
                 bail!("SSE delivered {got} of {bytes} bytes");
             }
-            let _ = elapsed;
-            rates[sse].mib_s.push(rate);
+            rates[sse].mib_s.push(mib_s(got, ms(t.elapsed())));
 
             let t = Instant::now();
             let got = stream_ws(host, key, vm, bytes).await?;
