@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares this machine for OpenSandbox, idempotently:
-#   1. installs what is missing (docker.io, btrfs-progs, debootstrap, tini, curl);
+#   1. installs what is missing (docker.io, btrfs-progs, debootstrap, tini, curl,
+#      bubblewrap);
 #   2. mounts a loop-backed Btrfs at DOCKER_BTRFS_PATH unless a Btrfs is there;
 #   3. starts our own dockerd (socket /run/opensandbox/docker.sock) with its data
 #      root on that Btrfs, --storage-driver btrfs and no networking of its own
@@ -29,6 +30,8 @@ command -v dockerd >/dev/null || need+=(docker.io)
 command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v tini >/dev/null || need+=(tini)
+# The namespaces runtime plugin runs its sandboxes under bubblewrap.
+command -v bwrap >/dev/null || need+=(bubblewrap)
 command -v curl >/dev/null || need+=(curl)
 command -v zstd >/dev/null || need+=(zstd)
 # The agent is linked statically against glibc (scripts/build-agent.sh).

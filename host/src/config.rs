@@ -7,10 +7,11 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 /// The runtimes a sandbox can run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// The runtimes built into the host (runtime plugins come on top).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RuntimeKind {
     /// Containers through the Docker Engine API, with Btrfs snapshots.
     Docker,
@@ -21,6 +22,15 @@ pub enum RuntimeKind {
 }
 
 impl RuntimeKind {
+    /// The built-in runtime of that name that this build lacks, if it is one.
+    pub fn unbuilt(name: &str) -> Option<Self> {
+        match name {
+            "virtualbox" => Some(RuntimeKind::Virtualbox),
+            "firecracker" => Some(RuntimeKind::Firecracker),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RuntimeKind::Docker => "docker",
@@ -70,15 +80,16 @@ pub struct ServeConfig {
     )]
     pub data_dir: PathBuf,
 
-    /// Runtime for new sandboxes. Only `docker` is available in this build.
+    /// Runtime for new sandboxes when no policy chooses: `docker`, or the name of a
+    /// runtime plugin loaded from PLUGINS_CONFIG (e.g. `namespaces`).
     #[arg(
         long,
         env = "SANDBOX_RUNTIME",
         value_name = "SANDBOX_RUNTIME",
-        value_enum,
-        default_value = "docker"
+        default_value = "docker",
+        value_parser = parse_runtime_name
     )]
-    pub sandbox_runtime: RuntimeKind,
+    pub sandbox_runtime: String,
 
     /// Default image of new Docker sandboxes (must exist in the engine or be pullable).
     #[arg(
@@ -205,7 +216,7 @@ pub struct ServeConfig {
 pub enum ConfigError {
     #[error("RUN_TIMEOUT_MS ({default}) must not exceed RUN_MAX_TIMEOUT_MS ({max})")]
     TimeoutAboveMax { default: u64, max: u64 },
-    #[error("SANDBOX_RUNTIME={0}: this runtime is not available in this build; use SANDBOX_RUNTIME=docker")]
+    #[error("SANDBOX_RUNTIME={0}: this runtime is not available in this build; use docker or a runtime plugin")]
     RuntimeUnavailable(&'static str),
     #[error("DOCKER_IMAGE={0:?} is not a valid image reference")]
     InvalidImage(String),
@@ -224,10 +235,8 @@ impl ServeConfig {
                 max: self.run_max_timeout_ms,
             });
         }
-        if self.sandbox_runtime != RuntimeKind::Docker {
-            return Err(ConfigError::RuntimeUnavailable(
-                self.sandbox_runtime.as_str(),
-            ));
+        if let Some(kind) = RuntimeKind::unbuilt(&self.sandbox_runtime) {
+            return Err(ConfigError::RuntimeUnavailable(kind.as_str()));
         }
         if crate::names::validate_image(&self.docker_image).is_err() {
             return Err(ConfigError::InvalidImage(self.docker_image.clone()));
@@ -282,6 +291,12 @@ fn parse_network(value: &str) -> Result<String, String> {
     }
 }
 
+fn parse_runtime_name(value: &str) -> Result<String, String> {
+    crate::names::validate_resource_name("runtime", value)
+        .map(|()| value.to_string())
+        .map_err(|_| "expected docker or a runtime plugin's name ([a-z0-9-])".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,7 +315,7 @@ mod tests {
 
     #[test]
     fn invalid_values_name_the_variable() {
-        let err = parse(&["--sandbox-runtime", "bogus"])
+        let err = parse(&["--sandbox-runtime", "Not A Name"])
             .unwrap_err()
             .to_string();
         assert!(err.contains("SANDBOX_RUNTIME"), "{err}");

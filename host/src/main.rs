@@ -14,9 +14,10 @@ use uuid::Uuid;
 
 use opensandbox::agent::Agents;
 use opensandbox::config::{Cli, Command, ServeConfig};
-use opensandbox::plugins::PluginChain;
+use opensandbox::plugins::{PluginChain, PluginDirs};
 use opensandbox::runtimes::docker::{DockerRuntime, DockerSettings};
-use opensandbox::runtimes::Runtime;
+use opensandbox::runtimes::plugin::PluginRuntime;
+use opensandbox::runtimes::{Runtime, Runtimes};
 use opensandbox::s3::ObjectStore;
 use opensandbox::sandbox::{RunLimits, Sandboxes, SnapshotPaths};
 use opensandbox::transfer::Transfers;
@@ -81,7 +82,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             )
         })?;
 
-    let plugins = load_plugins(&config).await?;
+    let plugins = load_plugins(&config, host_id).await?;
 
     let docker = DockerRuntime::connect(DockerSettings {
         docker_host: config.docker_host.clone(),
@@ -93,8 +94,22 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     if let Err(err) = docker.ensure_image(&config.docker_image).await {
         warn!(error = %err, "DOCKER_IMAGE is not available; creating sandboxes with the default image will fail until it is");
     }
-    let runtime: Arc<dyn Runtime> = Arc::new(docker);
-    let runtime_name = runtime.name();
+    let mut offered: Vec<Arc<dyn Runtime>> = vec![Arc::new(docker)];
+    for plugin in plugins.runtimes() {
+        let runtime = PluginRuntime::new(Arc::clone(plugin));
+        match runtime.info().await {
+            Ok(info) => {
+                info!(runtime = %plugin.name, description = %info.description, network = info.network, resource_limits = info.resource_limits, "runtime plugin ready")
+            }
+            Err(err) => anyhow::bail!(
+                "runtime plugin {:?}: capabilities failed: {err}",
+                plugin.name
+            ),
+        }
+        offered.push(Arc::new(runtime));
+    }
+    let runtimes = Runtimes::new(&config.sandbox_runtime, offered).map_err(anyhow::Error::msg)?;
+    let runtime_name = runtimes.default_runtime().name().to_string();
     let limits = RunLimits {
         default_timeout: config.default_timeout(),
         max_timeout: config.max_timeout(),
@@ -108,7 +123,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     );
     let sandboxes = Arc::new(Sandboxes::new(
         store.clone(),
-        runtime,
+        runtimes,
         SnapshotPaths::new(&config.docker_btrfs_path, host_id),
         config.docker_image.clone(),
         limits,
@@ -131,7 +146,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         store.clone(),
         Arc::clone(&sandboxes),
         s3,
-        runtime_name,
+        &runtime_name,
     ));
     transfers
         .recover()
@@ -158,12 +173,21 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 
 /// Loads the plugins file, if any; compiling is CPU work, so it runs on the
 /// blocking pool. Any failure stops start-up, naming the plugin.
-async fn load_plugins(config: &ServeConfig) -> anyhow::Result<Arc<PluginChain>> {
+async fn load_plugins(config: &ServeConfig, host_id: Uuid) -> anyhow::Result<Arc<PluginChain>> {
     let Some(path) = config.plugins_config.clone() else {
         return Ok(Arc::new(PluginChain::empty()));
     };
-    let cache = config.data_dir.join("plugin-cache");
-    let chain = tokio::task::spawn_blocking(move || PluginChain::load(&path, cache))
+    let dirs = PluginDirs {
+        cache: config.data_dir.join("plugin-cache"),
+        state: config.data_dir.join("plugin-state"),
+        process_ledgers: config.data_dir.join("plugin-processes"),
+        btrfs_own: SnapshotPaths::new(&config.docker_btrfs_path, host_id)
+            .runtimes_root()
+            .to_path_buf(),
+        btrfs_shared: config.docker_btrfs_path.join("runtimes"),
+    };
+    let handle = tokio::runtime::Handle::current();
+    let chain = tokio::task::spawn_blocking(move || PluginChain::load(&path, &dirs, &handle))
         .await
         .context("plugin loading panicked")??;
     Ok(Arc::new(chain))

@@ -1,23 +1,29 @@
 //! # OpenSandbox plugin SDK
 //!
 //! Everything needed to write an OpenSandbox plugin in Rust: a WebAssembly component that the
-//! host loads at start-up and calls for every decision of its kind. Two kinds exist, one per
-//! world of the WIT package `opensandbox:plugin@0.1.0` (bundled with this crate, see
+//! host loads at start-up and calls for every decision of its kind. Three kinds exist, one per
+//! world of the WIT package `opensandbox:plugin@0.1.1` (bundled with this crate, see
 //! `wit/plugin/types.wit` in the repository):
 //!
 //! | kind | trait | export macro | called |
 //! |---|---|---|---|
 //! | runtime policy | [`Policy`] | [`export_policy!`] | on every sandbox creation: choose its runtime, abstain or reject |
 //! | command hook | [`Hook`] | [`export_hook!`] | before every command (allow, deny, rewrite) and after it (observe) |
+//! | custom runtime | [`Driver`] | [`export_runtime!`] | to create, start, stop, inspect and destroy the sandboxes of the runtime it is named as |
 //!
 //! A plugin is a `cdylib` crate that implements one trait on a unit struct and exports it with
-//! the matching macro: one kind per plugin. Both traits have a default for every function, so a
-//! plugin only writes what it decides. The plugin reads its own settings with [`config`] (the
-//! `config` table of its entry in the plugins file, as strings) and writes to the host's log
-//! with [`log`]. It gets nothing else: no files, no environment, no network, no clock it should
-//! rely on; stdout and stderr go nowhere. Each call runs in a fresh instance, so a plugin keeps
-//! no state between calls, and a call that runs past the host's time or memory limit is
-//! trapped (the host then treats the plugin as failed for that call).
+//! the matching macro: one kind per plugin. Policies and hooks have a default for every
+//! function, so a plugin only writes what it decides. The plugin reads its own settings with
+//! [`config`] (the `config` table of its entry in the plugins file, as strings) and writes to
+//! the host's log with [`log`]. It gets nothing else: no files, no environment, no network, no
+//! clock it should rely on; stdout and stderr go nowhere. Each call runs in a fresh instance,
+//! so a plugin keeps no state between calls, and a call that runs past the host's time or
+//! memory limit is trapped (the host then treats the plugin as failed for that call).
+//!
+//! A runtime also gets, as far as its entry's grants allow, the host capabilities of its
+//! world: [`btrfs`] (subvolumes under its own Btrfs root), [`process`] (the host programs the
+//! grant lists) and [`state`] (its own folder, to remember instances between calls). Each
+//! fails with a [`CapabilityError`] when the grant is missing or the host refuses.
 //!
 //! The crate has no features and no other dependency to add; `wit-bindgen` is an internal
 //! detail and none of its types appears in this API.
@@ -106,6 +112,108 @@
 //! # fn main() {}
 //! ```
 //!
+//! ## Example: a runtime
+//!
+//! Runs each sandbox as a process of the host program named by the config key `launcher`
+//! (granted to the plugin) on a writable snapshot of a prepared base subvolume, and remembers
+//! the process in its state folder. `plugins/namespaces` in the repository is a complete one.
+//!
+//! ```
+//! use opensandbox_plugin_sdk::process::{self, Signal, SpawnOptions};
+//! use opensandbox_plugin_sdk::{
+//!     btrfs, config, export_runtime, state, CapabilityError, Driver, DriverError, DriverInfo,
+//!     Instance, InstanceSpec, InstanceState,
+//! };
+//! use std::time::Duration;
+//!
+//! struct Launcher;
+//!
+//! fn root(id: &str) -> String {
+//!     format!("sandboxes/{id}")
+//! }
+//!
+//! /// The state file of an instance holds its process id once started.
+//! fn file(id: &str) -> String {
+//!     format!("{id}.pid")
+//! }
+//!
+//! fn io(e: std::io::Error) -> DriverError {
+//!     DriverError::Failed(e.to_string())
+//! }
+//!
+//! impl Driver for Launcher {
+//!     fn capabilities() -> DriverInfo {
+//!         DriverInfo {
+//!             description: "one launcher process per sandbox".into(),
+//!             ..DriverInfo::default()
+//!         }
+//!     }
+//!
+//!     fn create(spec: &InstanceSpec) -> Result<Instance, DriverError> {
+//!         if !btrfs::exists("images/base")? {
+//!             return Err(DriverError::ImageUnavailable("no base image".into()));
+//!         }
+//!         btrfs::snapshot("images/base", &root(&spec.sandbox_id), false)?;
+//!         state::write(&file(&spec.sandbox_id), "").map_err(io)?;
+//!         Ok(Instance { id: spec.sandbox_id.clone(), root_subvolume: root(&spec.sandbox_id) })
+//!     }
+//!
+//!     fn start(id: &str) -> Result<(), DriverError> {
+//!         let launcher = config::get("launcher").unwrap_or_default();
+//!         let path = btrfs::host_path(&root(id))?;
+//!         let pid = process::spawn(&launcher, &[path], &SpawnOptions::default())?;
+//!         state::write(&file(id), pid).map_err(io)
+//!     }
+//!
+//!     fn stop(id: &str) -> Result<(), DriverError> {
+//!         let pid = state::read_to_string(&file(id)).map_err(io)?.unwrap_or_default();
+//!         if pid.is_empty() {
+//!             return Ok(());
+//!         }
+//!         match process::kill(&pid, Signal::Kill, true) {
+//!             Ok(()) | Err(CapabilityError::NotFound(_)) => {}
+//!             Err(e) => return Err(e.into()),
+//!         }
+//!         let _ = process::wait(&pid, Duration::from_secs(2));
+//!         let _ = process::release(&pid);
+//!         state::write(&file(id), "").map_err(io)
+//!     }
+//!
+//!     fn destroy(id: &str) -> Result<(), DriverError> {
+//!         Self::stop(id)?;
+//!         btrfs::delete_subvolume(&root(id))?;
+//!         state::remove(&file(id)).map_err(io)?;
+//!         Ok(())
+//!     }
+//!
+//!     fn inspect(id: &str) -> Result<InstanceState, DriverError> {
+//!         let Some(pid) = state::read_to_string(&file(id)).map_err(io)? else {
+//!             return Ok(InstanceState::Missing);
+//!         };
+//!         match process::state(&pid) {
+//!             Ok(s) if s.is_running() => Ok(InstanceState::Running),
+//!             _ => Ok(InstanceState::Stopped),
+//!         }
+//!     }
+//! }
+//!
+//! export_runtime!(Launcher);
+//! # fn main() {
+//! #     use opensandbox_plugin_sdk::testing;
+//! #     testing::add_subvolume("images/base");
+//! #     testing::set_config([("launcher", "/usr/bin/launcher")]);
+//! #     let spec = InstanceSpec { sandbox_id: "a1".into(), ..InstanceSpec::default() };
+//! #     let instance = Launcher::create(&spec).unwrap();
+//! #     assert_eq!(instance.root_subvolume, "sandboxes/a1");
+//! #     assert_eq!(Launcher::inspect("a1"), Ok(InstanceState::Stopped));
+//! #     Launcher::start("a1").unwrap();
+//! #     assert_eq!(Launcher::inspect("a1"), Ok(InstanceState::Running));
+//! #     Launcher::destroy("a1").unwrap();
+//! #     assert_eq!(Launcher::inspect("a1"), Ok(InstanceState::Missing));
+//! #     assert_eq!(testing::subvolumes(), vec!["images/base"]);
+//! # }
+//! ```
+//!
 //! ## Building and loading
 //!
 //! ```toml
@@ -130,7 +238,7 @@
 //! ```toml
 //! [[plugin]]
 //! name = "gpu"                          # unique; shown in logs and errors
-//! kind = "policy"                       # or "hook": the macro the crate uses
+//! kind = "policy"                       # "hook" or "runtime": the macro the crate uses
 //! file = "plugins/gpu_policy.wasm"      # relative to the plugins file
 //! [plugin.config]
 //! gpu_runtime = "kata"
@@ -140,17 +248,29 @@
 //!
 //! On any target but `wasm32`, [`config`] reads a per-thread table that tests fill with
 //! [`testing::set_config`], and [`log`] records lines that [`testing::take_logs`] returns, so the
-//! trait functions of a plugin can be unit-tested natively with `cargo test`.
+//! trait functions of a plugin can be unit-tested natively with `cargo test`. The runtime
+//! capabilities ([`btrfs`], [`process`], [`state`]) work on per-thread fakes there, which
+//! [`testing`] sets up and shows.
 
 #![warn(missing_docs)]
 
+pub mod btrfs;
 pub mod config;
+mod driver;
 pub mod glob;
 pub mod log;
+pub mod process;
+mod runtime_types;
+pub mod state;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 mod types;
 
+pub use driver::Driver;
+pub use runtime_types::{
+    AgentMount, CapabilityError, DriverError, DriverInfo, Instance, InstanceSpec, InstanceState,
+    ManagedInstance,
+};
 pub use types::{
     Caller, Command, CommandDecision, CommandOutcome, CommandRewrite, CreateRequest,
     RuntimeCandidate, RuntimeDecision,
@@ -222,7 +342,8 @@ pub trait Hook {
 /// Exports a [`Policy`] implementation as this crate's plugin: `export_policy!(MyPolicy);`,
 /// once, at the top level of a `cdylib` crate.
 ///
-/// A crate exports one plugin: use either this macro or [`export_hook!`], once.
+/// A crate exports one plugin: use one of this macro, [`export_hook!`] and
+/// [`export_runtime!`], once.
 #[macro_export]
 macro_rules! export_policy {
     ($ty:ty) => {
@@ -230,7 +351,7 @@ macro_rules! export_policy {
         #[allow(non_camel_case_types)]
         struct __opensandbox_policy_export;
 
-        // Defined by both export macros: a second export in one crate is a compile error.
+        // Defined by every export macro: a second export in one crate is a compile error.
         #[doc(hidden)]
         #[allow(non_upper_case_globals, dead_code)]
         const __opensandbox_plugin_one_export_per_crate: () = ();
@@ -262,7 +383,8 @@ macro_rules! export_policy {
 /// Exports a [`Hook`] implementation as this crate's plugin: `export_hook!(MyHook);`, once,
 /// at the top level of a `cdylib` crate.
 ///
-/// A crate exports one plugin: use either this macro or [`export_policy!`], once.
+/// A crate exports one plugin: use one of this macro, [`export_policy!`] and
+/// [`export_runtime!`], once.
 #[macro_export]
 macro_rules! export_hook {
     ($ty:ty) => {
@@ -270,7 +392,7 @@ macro_rules! export_hook {
         #[allow(non_camel_case_types)]
         struct __opensandbox_hook_export;
 
-        // Defined by both export macros: a second export in one crate is a compile error.
+        // Defined by every export macro: a second export in one crate is a compile error.
         #[doc(hidden)]
         #[allow(non_upper_case_globals, dead_code)]
         const __opensandbox_plugin_one_export_per_crate: () = ();
@@ -335,6 +457,20 @@ pub mod __private {
             default_bindings_module: "opensandbox_plugin_sdk::__private::hook",
         });
     }
+
+    /// Bindings of the `runtime-plugin` world.
+    #[allow(missing_docs, clippy::all)]
+    pub mod runtime {
+        wit_bindgen::generate!({
+            world: "runtime-plugin",
+            path: "../wit/plugin",
+            pub_export_macro: true,
+            export_macro_name: "__export_runtime_plugin",
+            default_bindings_module: "opensandbox_plugin_sdk::__private::runtime",
+        });
+    }
+
+    pub use crate::driver::glue::*;
 
     use hook::opensandbox::plugin::types as ht;
     use policy::opensandbox::plugin::types as pt;
@@ -412,11 +548,12 @@ pub mod __private {
         T::after_command(&command(c), &caller(k), &outcome)
     }
 
-    /// The host's imports, through one of the two worlds' bindings (both import the same
-    /// `host` and `config` interfaces).
+    /// The host's imports, through one of the worlds' bindings (every world imports the same
+    /// `host` and `config` interfaces; only the runtime world imports `btrfs` and `process`).
     #[cfg(target_arch = "wasm32")]
     pub(crate) mod imports {
         pub use super::policy::opensandbox::plugin::config;
         pub use super::policy::opensandbox::plugin::host;
+        pub use super::runtime::opensandbox::plugin::{btrfs, process};
     }
 }

@@ -115,6 +115,107 @@ pub fn agent_binary() -> PathBuf {
     }
 }
 
+/// The runtime the end-to-end suites run against: `OPENSANDBOX_TEST_RUNTIME`
+/// (`docker`, the default, or `namespaces`, the first-party runtime plugin).
+pub fn test_runtime() -> String {
+    env_or("OPENSANDBOX_TEST_RUNTIME", "docker")
+}
+
+/// True when the suites run against Docker (tests of Docker-only behaviour
+/// return early otherwise, saying so).
+pub fn on_docker() -> bool {
+    test_runtime() == "docker"
+}
+
+/// Skips the rest of a test (returning Ok) unless the suites run against Docker.
+#[macro_export]
+macro_rules! docker_only {
+    ($why:expr) => {
+        if !$crate::on_docker() {
+            eprintln!("skipped on runtime {}: {}", $crate::test_runtime(), $why);
+            return Ok(());
+        }
+    };
+}
+
+/// Makes a Docker image usable by the runtime under test: nothing for
+/// Docker; for the namespaces runtime, its base root filesystem
+/// (scripts/build-rootfs.sh, which skips an image it already has).
+pub fn prepare_image_for_runtime(image: &str) -> Result<()> {
+    if on_docker() {
+        return Ok(());
+    }
+    let status = Command::new(workspace_root().join("scripts/build-rootfs.sh"))
+        .arg(image)
+        .env("DOCKER_HOST", docker_host())
+        .env("DOCKER_BTRFS_PATH", btrfs_path())
+        .stdout(Stdio::null())
+        .status()
+        .context("running scripts/build-rootfs.sh")?;
+    if !status.success() {
+        bail!("scripts/build-rootfs.sh {image} failed: {status}");
+    }
+    Ok(())
+}
+
+/// A built Wasm plugin: `<workspace>/target/plugins/<name>.wasm` (scripts/build-plugins.sh).
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    workspace_root().join(format!("target/plugins/{name}.wasm"))
+}
+
+/// The plugins-file entry of the first-party namespaces runtime, with the
+/// grants it needs.
+pub fn namespaces_plugin_entry() -> String {
+    format!(
+        r#"
+[[plugin]]
+name = "namespaces"
+kind = "runtime"
+file = "{}"
+[plugin.grants]
+state = true
+btrfs = true
+process = ["/usr/bin/bwrap"]
+"#,
+        plugin_wasm("namespaces").display()
+    )
+}
+
+/// The host environment for the runtime under test: for a plugin runtime,
+/// SANDBOX_RUNTIME and a plugins file that loads it (merged with the test's
+/// own plugins file, if it has one).
+fn runtime_env(data_dir: &Path, extra: &[(String, String)]) -> Vec<(String, String)> {
+    let runtime = test_runtime();
+    if runtime == "docker" {
+        return Vec::new();
+    }
+    let own = extra
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PLUGINS_CONFIG")
+        .map(|(_, v)| PathBuf::from(v));
+    let mut text = match &own {
+        Some(path) => std::fs::read_to_string(path).unwrap_or_default(),
+        None => String::new(),
+    };
+    if !text.contains("kind = \"runtime\"") || !text.contains("name = \"namespaces\"") {
+        text.push_str(&namespaces_plugin_entry());
+    }
+    // Beside the test's own file, so that its relative paths still resolve.
+    let merged = match &own {
+        Some(path) => path.with_extension("with-runtime.toml"),
+        None => data_dir.join("plugins-runtime.toml"),
+    };
+    if let Err(e) = std::fs::write(&merged, text) {
+        eprintln!("cannot write {}: {e}", merged.display());
+    }
+    let mut env = vec![("PLUGINS_CONFIG".to_string(), merged.display().to_string())];
+    if !extra.iter().any(|(k, _)| k == "SANDBOX_RUNTIME") {
+        env.push(("SANDBOX_RUNTIME".to_string(), runtime));
+    }
+    env
+}
+
 fn check_bin(bin: &Path) -> Result<()> {
     if !agent_binary().is_file() {
         bail!(
@@ -531,7 +632,8 @@ fn configure(cmd: &mut Command, port: u16, data_dir: &Path, extra: &[(String, St
     for v in HOST_CONFIG_VARS {
         cmd.env_remove(v);
     }
-    for (k, v) in base_env(port, data_dir).iter().chain(extra) {
+    let runtime = runtime_env(data_dir, extra);
+    for (k, v) in base_env(port, data_dir).iter().chain(extra).chain(&runtime) {
         cmd.env(k, v);
     }
     // The host reads `.env` from its working directory: run it in the data dir so that

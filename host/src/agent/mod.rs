@@ -214,7 +214,8 @@ impl Agents {
                     // next try dials again at once.
                     self.forget(sandbox);
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
+                    // Short steps: a namespaces sandbox is up in a few milliseconds.
+                    pause = (pause * 2).min(Duration::from_millis(4));
                 }
                 Err(err) => return Err(err),
             }

@@ -88,7 +88,7 @@ impl From<SandboxError> for ApiError {
             E::CommandNotStarted(_) => (StatusCode::BAD_REQUEST, "command_not_started"),
             E::RejectedByPolicy { .. } => (StatusCode::FORBIDDEN, "rejected_by_policy"),
             E::DeniedByHook { .. } => (StatusCode::FORBIDDEN, "denied_by_hook"),
-            E::RuntimeUnavailable(_) => (StatusCode::BAD_REQUEST, "runtime_unavailable"),
+            E::RuntimeUnavailable { .. } => (StatusCode::BAD_REQUEST, "runtime_unavailable"),
             E::ImageUnavailable { .. } => (StatusCode::BAD_REQUEST, "image_unavailable"),
             E::Runtime(_) => {
                 error!(error = %err, "runtime error");

@@ -8,6 +8,7 @@ mod files;
 mod keys;
 mod openapi;
 mod processes;
+mod runtimes;
 mod transfers;
 mod vms;
 
@@ -46,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::serve))
         .route("/api-keys", post(keys::create).get(keys::list))
         .route("/api-keys/{id}", delete(keys::revoke))
+        .route("/runtimes", get(runtimes::list))
         .route("/vms", post(vms::create).get(vms::list))
         .route("/vms/{name}", get(vms::get).delete(vms::delete))
         .route("/vms/{name}/run", post(vms::run))

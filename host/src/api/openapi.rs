@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{error, files, keys, processes, transfers, vms};
+use super::{error, files, keys, processes, runtimes, transfers, vms};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -12,6 +12,7 @@ use super::{error, files, keys, processes, transfers, vms};
     paths(
         super::health,
         keys::create, keys::list, keys::revoke,
+        runtimes::list,
         vms::create, vms::list, vms::get, vms::delete, vms::run,
         vms::list_snapshots, vms::create_snapshot, vms::delete_snapshot, vms::restore,
         processes::start, processes::list, processes::get, processes::output,

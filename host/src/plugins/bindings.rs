@@ -22,3 +22,14 @@ pub mod hook {
 }
 
 pub use policy::opensandbox::plugin::{config, host, types};
+
+pub mod runtime {
+    wasmtime::component::bindgen!({
+        path: "../wit/plugin",
+        world: "runtime-plugin",
+        with: {
+            "opensandbox:plugin/host": super::policy::opensandbox::plugin::host,
+            "opensandbox:plugin/config": super::policy::opensandbox::plugin::config,
+        },
+    });
+}

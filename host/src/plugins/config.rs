@@ -4,12 +4,12 @@
 //! ```toml
 //! [[plugin]]
 //! name = "guard"                      # unique; shown in logs and errors
-//! kind = "hook"                       # "policy" or "hook"
+//! kind = "hook"                       # "policy", "hook" or "runtime"
 //! file = "../target/plugins/command-guard.wasm"  # relative to this file
 //! sha256 = "..."                      # optional pin of the file's hash
 //! order = 10                          # lower runs first (default 0; ties: file order)
-//! timeout_ms = 10                     # per call (default 20)
-//! memory_limit_mib = 16               # per call (default 32)
+//! timeout_ms = 10                     # per call (default 20; runtimes 5000)
+//! memory_limit_mib = 16               # per call (default 32; runtimes 64)
 //! failure = "closed"                  # closed: a failing hook denies, a failing policy rejects;
 //!                                     # open: the plugin is skipped and logged
 //! [plugin.config]                     # handed to the plugin as strings
@@ -19,6 +19,12 @@
 //! clock = false                       # real clocks (else both read 0)
 //! env = { LANG = "C" }                # environment variables
 //! read_only_dirs = { "/etc/policy" = "/policy" }  # host dir -> guest path, read-only
+//! # Runtime plugins only (see wit/README.md for what each grant allows):
+//! state = false                       # its own folder DATA_DIR/plugin-state/<name> at /state
+//! btrfs = false                       # subvolumes under DOCKER_BTRFS_PATH/runtimes/<name>/
+//! process = []                        # absolute paths of the programs it may start
+//! max_processes = 4096                # at most this many of its processes at once
+//! output_limit_bytes = 65536          # bound on each captured stdout/stderr
 //! ```
 
 use std::collections::BTreeMap;
@@ -38,13 +44,30 @@ const MAX_MEMORY_MIB: u64 = 4096;
 pub enum PluginKind {
     Policy,
     Hook,
+    Runtime,
 }
 
 impl PluginKind {
     pub fn world(self) -> &'static str {
         match self {
-            PluginKind::Policy => "opensandbox:plugin/policy-plugin@0.1.0",
-            PluginKind::Hook => "opensandbox:plugin/hook-plugin@0.1.0",
+            PluginKind::Policy => "opensandbox:plugin/policy-plugin@0.1.1",
+            PluginKind::Hook => "opensandbox:plugin/hook-plugin@0.1.1",
+            PluginKind::Runtime => "opensandbox:plugin/runtime-plugin@0.1.1",
+        }
+    }
+
+    fn default_timeout_ms(self) -> u64 {
+        match self {
+            // A runtime's calls make subvolumes and start programs.
+            PluginKind::Runtime => 5000,
+            _ => DEFAULT_TIMEOUT_MS,
+        }
+    }
+
+    fn default_memory_mib(self) -> u64 {
+        match self {
+            PluginKind::Runtime => 64,
+            _ => DEFAULT_MEMORY_MIB,
         }
     }
 }
@@ -60,7 +83,7 @@ pub enum FailureMode {
     Open,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grants {
     #[serde(default)]
@@ -71,6 +94,61 @@ pub struct Grants {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub read_only_dirs: BTreeMap<PathBuf, String>,
+    /// Runtime plugins: a read-write folder of its own, at `/state`.
+    #[serde(default)]
+    pub state: bool,
+    /// Runtime plugins: Btrfs subvolumes under its own root.
+    #[serde(default)]
+    pub btrfs: bool,
+    /// Runtime plugins: the programs it may start (absolute, normalized paths).
+    #[serde(default)]
+    pub process: Vec<PathBuf>,
+    /// Runtime plugins: most processes of its own at once.
+    #[serde(default = "default_max_processes")]
+    pub max_processes: usize,
+    /// Runtime plugins: bound on each captured stdout and stderr.
+    #[serde(default = "default_output_limit")]
+    pub output_limit_bytes: usize,
+}
+
+fn default_max_processes() -> usize {
+    4096
+}
+
+fn default_output_limit() -> usize {
+    64 * 1024
+}
+
+impl Default for Grants {
+    fn default() -> Self {
+        Self {
+            stdio: false,
+            clock: false,
+            env: BTreeMap::new(),
+            read_only_dirs: BTreeMap::new(),
+            state: false,
+            btrfs: false,
+            process: Vec::new(),
+            max_processes: default_max_processes(),
+            output_limit_bytes: default_output_limit(),
+        }
+    }
+}
+
+impl Grants {
+    /// Grants only a runtime can use; a policy or hook asking for them is a
+    /// mistake in the plugins file.
+    fn runtime_only(&self) -> Option<&'static str> {
+        if self.state {
+            Some("state")
+        } else if self.btrfs {
+            Some("btrfs")
+        } else if !self.process.is_empty() {
+            Some("process")
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -143,13 +221,17 @@ fn parse(text: &str, base: &Path) -> Result<Vec<PluginSpec>, String> {
         if !seen.insert(name.clone()) {
             return Err(format!("plugin {name:?} is listed twice"));
         }
-        let timeout_ms = plugin.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+        let timeout_ms = plugin
+            .timeout_ms
+            .unwrap_or(plugin.kind.default_timeout_ms());
         if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
             return Err(format!(
                 "plugin {name:?}: timeout_ms must be 1..={MAX_TIMEOUT_MS}"
             ));
         }
-        let memory_mib = plugin.memory_limit_mib.unwrap_or(DEFAULT_MEMORY_MIB);
+        let memory_mib = plugin
+            .memory_limit_mib
+            .unwrap_or(plugin.kind.default_memory_mib());
         if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
             return Err(format!(
                 "plugin {name:?}: memory_limit_mib must be 1..={MAX_MEMORY_MIB}"
@@ -159,6 +241,16 @@ fn parse(text: &str, base: &Path) -> Result<Vec<PluginSpec>, String> {
             if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(format!("plugin {name:?}: sha256 must be 64 hex digits"));
             }
+        }
+        if plugin.kind != PluginKind::Runtime {
+            if let Some(grant) = plugin.grants.runtime_only() {
+                return Err(format!(
+                    "plugin {name:?}: grant {grant:?} is only for runtime plugins"
+                ));
+            }
+        }
+        for program in &plugin.grants.process {
+            check_program(program).map_err(|e| format!("plugin {name:?}: process grant {e}"))?;
         }
         let config = flatten(&plugin.config).map_err(|e| format!("plugin {name:?}: config {e}"))?;
         let file = if plugin.file.is_absolute() {
@@ -182,6 +274,24 @@ fn parse(text: &str, base: &Path) -> Result<Vec<PluginSpec>, String> {
     // A stable sort keeps file order among equal `order`s.
     specs.sort_by_key(|s| s.order);
     Ok(specs)
+}
+
+/// A granted program must be named exactly: absolute, with no `.`/`..` or
+/// doubled slashes, so that the grant check is a plain comparison.
+fn check_program(program: &Path) -> Result<(), String> {
+    let text = program.to_str().ok_or("paths must be UTF-8")?;
+    let normal = text.starts_with('/')
+        && !text.ends_with('/')
+        && text[1..]
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..");
+    if normal {
+        Ok(())
+    } else {
+        Err(format!(
+            "{text:?}: must be an absolute path without ., .. or //"
+        ))
+    }
 }
 
 /// Plugins see their config as strings: strings as they are, numbers and
@@ -255,7 +365,7 @@ mod tests {
         let base = Path::new(".");
         let dup = "[[plugin]]\nname='a'\nkind='hook'\nfile='x'\n[[plugin]]\nname='a'\nkind='hook'\nfile='y'";
         assert!(parse(dup, base).unwrap_err().contains("twice"));
-        let kind = "[[plugin]]\nname='a'\nkind='runtime'\nfile='x'";
+        let kind = "[[plugin]]\nname='a'\nkind='vm'\nfile='x'";
         assert!(parse(kind, base).is_err());
         let timeout = "[[plugin]]\nname='a'\nkind='hook'\nfile='x'\ntimeout_ms=0";
         assert!(parse(timeout, base).unwrap_err().contains("\"a\""));
@@ -263,5 +373,26 @@ mod tests {
         assert!(parse(nested, base).unwrap_err().contains("config"));
         let unknown = "[[plugin]]\nname='a'\nkind='hook'\nfile='x'\ncolour='red'";
         assert!(parse(unknown, base).is_err());
+        let misgranted = "[[plugin]]\nname='a'\nkind='hook'\nfile='x'\n[plugin.grants]\nbtrfs=true";
+        assert!(parse(misgranted, base)
+            .unwrap_err()
+            .contains("only for runtime"));
+        let relative =
+            "[[plugin]]\nname='a'\nkind='runtime'\nfile='x'\n[plugin.grants]\nprocess=['bwrap']";
+        assert!(parse(relative, base).unwrap_err().contains("absolute"));
+        let dotted = "[[plugin]]\nname='a'\nkind='runtime'\nfile='x'\n[plugin.grants]\nprocess=['/usr/bin/../bin/sh']";
+        assert!(parse(dotted, base).is_err());
+    }
+
+    #[test]
+    fn runtimes_get_their_own_defaults() {
+        let text = "[[plugin]]\nname='ns'\nkind='runtime'\nfile='x'\n[plugin.grants]\nbtrfs=true\nprocess=['/usr/bin/bwrap']";
+        let specs = parse(text, Path::new(".")).unwrap();
+        assert_eq!(specs[0].timeout_ms, 5000);
+        assert_eq!(
+            specs[0].grants.process,
+            vec![PathBuf::from("/usr/bin/bwrap")]
+        );
+        assert_eq!(specs[0].grants.max_processes, 4096);
     }
 }

@@ -6,7 +6,10 @@
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::Store;
 
-use super::bindings::{hook, policy, types};
+use std::sync::Arc;
+
+use super::bindings::{hook, policy, runtime, types};
+use super::capabilities::{CallJournal, RuntimeCapabilities};
 use super::config::{FailureMode, PluginKind, PluginSpec};
 use super::engine::PluginEngine;
 use super::state::{PluginIdentity, PluginState};
@@ -15,7 +18,11 @@ use super::PluginError;
 enum Pre {
     Policy(policy::PolicyPluginPre<PluginState>),
     Hook(hook::HookPluginPre<PluginState>),
+    Runtime(runtime::RuntimePluginPre<PluginState>),
 }
+
+/// The driver's types, as the runtime adapter uses them.
+pub use runtime::opensandbox::plugin::runtime_types as driver_types;
 
 pub struct LoadedPlugin {
     pub name: String,
@@ -35,6 +42,7 @@ impl LoadedPlugin {
         engine: &PluginEngine,
         spec: &PluginSpec,
         wasm: &[u8],
+        capabilities: Option<Arc<RuntimeCapabilities>>,
     ) -> Result<Self, PluginError> {
         let component = engine.component(&spec.name, wasm)?;
         let mut linker: Linker<PluginState> = Linker::new(&engine.engine);
@@ -57,11 +65,17 @@ impl LoadedPlugin {
                 let instance_pre = linker.instantiate_pre(&component).map_err(link_err)?;
                 Pre::Hook(hook::HookPluginPre::new(instance_pre).map_err(link_err)?)
             }
+            PluginKind::Runtime => {
+                runtime::RuntimePlugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+                    .map_err(link_err)?;
+                let instance_pre = linker.instantiate_pre(&component).map_err(link_err)?;
+                Pre::Runtime(runtime::RuntimePluginPre::new(instance_pre).map_err(link_err)?)
+            }
         };
         Ok(Self {
             name: spec.name.clone(),
             failure: spec.failure,
-            identity: PluginIdentity::new(spec),
+            identity: PluginIdentity::new(spec, capabilities),
             timeout_ticks: spec.timeout_ms.div_ceil(
                 u64::try_from(super::engine::EPOCH_TICK.as_millis())
                     .unwrap_or(1)
@@ -75,6 +89,7 @@ impl LoadedPlugin {
         let engine = match &self.pre {
             Pre::Policy(pre) => pre.engine(),
             Pre::Hook(pre) => pre.engine(),
+            Pre::Runtime(pre) => pre.engine(),
         };
         let state = PluginState::new(&self.identity).map_err(|e| CallError(e.to_string()))?;
         let mut store = Store::new(engine, state);
@@ -111,6 +126,39 @@ impl LoadedPlugin {
         call(&mut store, &plugin).map_err(trap)
     }
 
+    /// Instantiates a runtime in a fresh store and runs `call` on its
+    /// driver; also returns what the call made (subvolumes, processes),
+    /// whether it succeeded or not.
+    pub fn with_driver<T>(
+        &self,
+        call: impl FnOnce(
+            &mut Store<PluginState>,
+            &runtime::exports::opensandbox::plugin::driver::Guest,
+        ) -> wasmtime::Result<T>,
+    ) -> (Result<T, CallError>, CallJournal) {
+        let Pre::Runtime(pre) = &self.pre else {
+            return (
+                Err(CallError("not a runtime".into())),
+                CallJournal::default(),
+            );
+        };
+        let mut store = match self.store() {
+            Ok(store) => store,
+            Err(e) => return (Err(e), CallJournal::default()),
+        };
+        let result = pre
+            .instantiate(&mut store)
+            .and_then(|plugin| call(&mut store, plugin.opensandbox_plugin_driver()))
+            .map_err(trap);
+        let journal = store.data_mut().take_journal();
+        (result, journal)
+    }
+
+    /// The capabilities of a runtime plugin (None for other kinds).
+    pub fn capabilities(&self) -> Option<&Arc<RuntimeCapabilities>> {
+        self.identity.runtime.as_ref()
+    }
+
     /// The plugin's own check of its configuration, run once at start-up.
     pub fn validate_config(&self) -> Result<Result<(), String>, CallError> {
         match &self.pre {
@@ -122,6 +170,10 @@ impl LoadedPlugin {
             Pre::Hook(_) => self.with_hook(|store, plugin| {
                 plugin.opensandbox_plugin_hook().call_validate_config(store)
             }),
+            Pre::Runtime(_) => {
+                self.with_driver(|store, driver| driver.call_validate_config(store))
+                    .0
+            }
         }
     }
 

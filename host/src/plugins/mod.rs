@@ -7,10 +7,16 @@
 //!   it for the hooks after and for the run; after it ran, every hook sees the
 //!   outcome.
 //!
-//! A plugin that fails (trap, timeout, memory cap, nonsense answer) follows
-//! its failure mode: `closed` denies/rejects, `open` is skipped and logged.
+//! - runtimes run sandboxes: each becomes a runtime beside `docker`, with
+//!   the host capabilities its grants allow ([`capabilities`]); the adapter
+//!   is `crate::runtimes::plugin`.
+//!
+//! A policy or hook that fails (trap, timeout, memory cap, nonsense answer)
+//! follows its failure mode: `closed` denies/rejects, `open` is skipped and
+//! logged. A runtime's failure fails the sandbox operation.
 
 mod bindings;
+pub mod capabilities;
 pub mod config;
 mod engine;
 mod loaded;
@@ -23,10 +29,32 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+pub use bindings::runtime::exports::opensandbox::plugin::driver::Guest as DriverGuest;
 pub use bindings::types;
-use config::{FailureMode, PluginKind};
+use capabilities::btrfs::BtrfsRoot;
+use capabilities::process::ProcessTable;
+use capabilities::RuntimeCapabilities;
+use config::{FailureMode, PluginKind, PluginSpec};
 use engine::PluginEngine;
-use loaded::LoadedPlugin;
+pub use loaded::{driver_types, CallError, LoadedPlugin};
+pub use state::PluginState;
+
+/// Where plugins keep what outlives a call.
+#[derive(Debug, Clone)]
+pub struct PluginDirs {
+    /// Compiled components (DATA_DIR/plugin-cache).
+    pub cache: PathBuf,
+    /// Runtime plugins' state folders, one per plugin (DATA_DIR/plugin-state).
+    pub state: PathBuf,
+    /// Ledgers of runtime plugins' processes (DATA_DIR/plugin-processes).
+    pub process_ledgers: PathBuf,
+    /// This host's subvolumes of runtime plugins, one folder per plugin
+    /// (DOCKER_BTRFS_PATH/opensandbox/hosts/<host id>/runtimes).
+    pub btrfs_own: PathBuf,
+    /// The machine's shared base images of runtime plugins, under
+    /// `<plugin>/images` (DOCKER_BTRFS_PATH/runtimes).
+    pub btrfs_shared: PathBuf,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
@@ -107,6 +135,7 @@ pub enum CommandVerdict {
 pub struct PluginChain {
     policies: Vec<LoadedPlugin>,
     hooks: Vec<LoadedPlugin>,
+    runtimes: Vec<Arc<LoadedPlugin>>,
 }
 
 impl PluginChain {
@@ -117,14 +146,19 @@ impl PluginChain {
 
     /// Loads, compiles (or takes from the cache), links and validates every
     /// plugin of the file; any failure names the plugin and stops start-up.
-    pub fn load(config_path: &Path, cache_dir: PathBuf) -> Result<Self, PluginError> {
+    /// Runtime plugins need `handle` (their processes are reaped on it).
+    pub fn load(
+        config_path: &Path,
+        dirs: &PluginDirs,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<Self, PluginError> {
         let specs = config::load(config_path)?;
         let max_memory = specs
             .iter()
             .map(|s| s.memory_limit_bytes)
             .max()
             .unwrap_or(0);
-        let engine = PluginEngine::new(cache_dir, max_memory.max(1024 * 1024))?;
+        let engine = PluginEngine::new(dirs.cache.clone(), max_memory.max(1024 * 1024))?;
         let mut chain = Self::default();
         for spec in &specs {
             let wasm = std::fs::read(&spec.file).map_err(|e| PluginError::File {
@@ -143,7 +177,11 @@ impl PluginChain {
                     });
                 }
             }
-            let plugin = LoadedPlugin::load(&engine, spec, &wasm)?;
+            let capabilities = match spec.kind {
+                PluginKind::Runtime => Some(Arc::new(runtime_capabilities(spec, dirs, handle)?)),
+                _ => None,
+            };
+            let plugin = LoadedPlugin::load(&engine, spec, &wasm, capabilities)?;
             match plugin.validate_config() {
                 Ok(Ok(())) => {}
                 Ok(Err(reason)) => {
@@ -163,13 +201,20 @@ impl PluginChain {
             match spec.kind {
                 PluginKind::Policy => chain.policies.push(plugin),
                 PluginKind::Hook => chain.hooks.push(plugin),
+                PluginKind::Runtime => chain.runtimes.push(Arc::new(plugin)),
             }
         }
         Ok(chain)
     }
 
+    /// No policies and no hooks (runtimes do not take part in decisions).
     pub fn is_empty(&self) -> bool {
         self.policies.is_empty() && self.hooks.is_empty()
+    }
+
+    /// The runtime plugins, in load order.
+    pub fn runtimes(&self) -> &[Arc<LoadedPlugin>] {
+        &self.runtimes
     }
 
     pub fn has_hooks(&self) -> bool {
@@ -281,6 +326,62 @@ impl PluginChain {
             }
         }
     }
+}
+
+/// Opens what a runtime plugin was granted: its Btrfs root, its process
+/// table (adopting processes of an earlier run), its state folder.
+fn runtime_capabilities(
+    spec: &PluginSpec,
+    dirs: &PluginDirs,
+    handle: &tokio::runtime::Handle,
+) -> Result<RuntimeCapabilities, PluginError> {
+    let grant_err = |reason: String| PluginError::Grant {
+        plugin: spec.name.clone(),
+        reason,
+    };
+    let btrfs = if spec.grants.btrfs {
+        Some(
+            BtrfsRoot::open(
+                dirs.btrfs_own.join(&spec.name),
+                dirs.btrfs_shared.join(&spec.name),
+            )
+            .map_err(|e| {
+                grant_err(format!(
+                    "btrfs: its folders under DOCKER_BTRFS_PATH are unusable: {e}"
+                ))
+            })?,
+        )
+    } else {
+        None
+    };
+    let processes = if spec.grants.process.is_empty() {
+        None
+    } else {
+        Some(
+            ProcessTable::open(
+                spec.name.as_str().into(),
+                spec.grants.process.clone(),
+                spec.grants.max_processes,
+                spec.grants.output_limit_bytes,
+                dirs.process_ledgers.join(&spec.name),
+                handle.clone(),
+            )
+            .map_err(|e| grant_err(format!("process: {e}")))?,
+        )
+    };
+    let state_dir = if spec.grants.state {
+        let dir = dirs.state.join(&spec.name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| grant_err(format!("state {}: {e}", dir.display())))?;
+        Some(dir)
+    } else {
+        None
+    };
+    Ok(RuntimeCapabilities {
+        btrfs,
+        processes,
+        state_dir,
+    })
 }
 
 fn wit_caller(caller: &CallerInfo) -> types::Caller {

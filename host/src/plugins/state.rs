@@ -1,10 +1,12 @@
 //! The per-call store data of a plugin: its WASI context (built from its
 //! grants, nothing else), its memory limits, and the host imports every
-//! plugin gets: `log` into our tracing log and its own `config`.
+//! plugin gets: `log` into our tracing log and its own `config`. Runtime
+//! plugins also carry their capabilities and the call's journal
+//! ([`super::capabilities`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
@@ -14,6 +16,7 @@ use wasmtime_wasi::p2::{
 use wasmtime_wasi::{DirPerms, FilePerms, HostMonotonicClock, HostWallClock};
 
 use super::bindings::{config, host};
+use super::capabilities::{CallJournal, RuntimeCallContext, RuntimeCapabilities};
 use super::config::{Grants, PluginSpec};
 use super::PluginError;
 
@@ -24,15 +27,20 @@ pub struct PluginIdentity {
     pub config: Arc<BTreeMap<String, String>>,
     pub grants: Arc<Grants>,
     pub memory_limit_bytes: usize,
+    pub timeout: Duration,
+    /// A runtime plugin's granted capabilities.
+    pub runtime: Option<Arc<RuntimeCapabilities>>,
 }
 
 impl PluginIdentity {
-    pub fn new(spec: &PluginSpec) -> Self {
+    pub fn new(spec: &PluginSpec, runtime: Option<Arc<RuntimeCapabilities>>) -> Self {
         Self {
             name: spec.name.as_str().into(),
             config: Arc::new(spec.config.clone()),
             grants: Arc::new(spec.grants.clone()),
             memory_limit_bytes: spec.memory_limit_bytes,
+            timeout: Duration::from_millis(spec.timeout_ms),
+            runtime,
         }
     }
 }
@@ -45,16 +53,24 @@ pub struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub limits: StoreLimits,
+    /// Runtime plugins: capabilities and what this call made.
+    pub runtime: Option<RuntimeCallContext>,
 }
 
 impl PluginState {
     pub fn new(identity: &PluginIdentity) -> Result<Self, PluginError> {
         Ok(Self {
-            wasi: wasi_context(&identity.name, &identity.grants).map_err(|reason| {
-                PluginError::Grant {
-                    plugin: identity.name.to_string(),
-                    reason,
-                }
+            wasi: wasi_context(
+                &identity.name,
+                &identity.grants,
+                identity
+                    .runtime
+                    .as_ref()
+                    .and_then(|r| r.state_dir.as_deref()),
+            )
+            .map_err(|reason| PluginError::Grant {
+                plugin: identity.name.to_string(),
+                reason,
             })?,
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
@@ -65,14 +81,31 @@ impl PluginState {
                 .tables(64)
                 .memories(16)
                 .build(),
+            runtime: identity.runtime.as_ref().map(|caps| RuntimeCallContext {
+                caps: Arc::clone(caps),
+                journal: CallJournal::default(),
+                deadline: Instant::now() + identity.timeout,
+            }),
             identity: identity.clone(),
         })
+    }
+
+    /// What this call made (runtime plugins), for undoing it.
+    pub fn take_journal(&mut self) -> CallJournal {
+        self.runtime
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.journal))
+            .unwrap_or_default()
     }
 }
 
 /// WASI with only what the grants allow: by default no files, no
 /// environment, no arguments, no network, stdio discarded and clocks at zero.
-fn wasi_context(plugin: &Arc<str>, grants: &Grants) -> Result<WasiCtx, String> {
+fn wasi_context(
+    plugin: &Arc<str>,
+    grants: &Grants,
+    state_dir: Option<&std::path::Path>,
+) -> Result<WasiCtx, String> {
     let mut builder = WasiCtxBuilder::new();
     if grants.stdio {
         builder
@@ -92,6 +125,11 @@ fn wasi_context(plugin: &Arc<str>, grants: &Grants) -> Result<WasiCtx, String> {
         builder
             .preopened_dir(host_dir, guest_path, DirPerms::READ, FilePerms::READ)
             .map_err(|e| format!("read_only_dirs {}: {e}", host_dir.display()))?;
+    }
+    if let Some(dir) = state_dir {
+        builder
+            .preopened_dir(dir, "/state", DirPerms::all(), FilePerms::all())
+            .map_err(|e| format!("state folder {}: {e}", dir.display()))?;
     }
     if !grants.clock {
         builder.wall_clock(FrozenClock).monotonic_clock(FrozenClock);

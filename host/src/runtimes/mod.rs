@@ -5,10 +5,12 @@
 //! every runtime, on that subvolume.
 
 pub mod docker;
-mod process_tree;
+pub mod plugin;
+pub(crate) mod process_tree;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -107,9 +109,17 @@ pub struct ExecOutcome {
 #[async_trait]
 pub trait Runtime: Send + Sync {
     /// The name clients see in a sandbox's `runtime` field.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &str;
     /// Whether the runtime answers now (its health, as policies see it).
     async fn healthy(&self) -> bool;
+    /// [`Runtime::healthy`] with the reason when not.
+    async fn health(&self) -> std::result::Result<(), String> {
+        if self.healthy().await {
+            Ok(())
+        } else {
+            Err(format!("runtime {:?} does not answer", self.name()))
+        }
+    }
     /// Fails fast with `ImageUnavailable` when the image cannot be had.
     async fn ensure_image(&self, image: &str) -> Result<()>;
     async fn create(&self, spec: &InstanceSpec) -> Result<Instance>;
@@ -122,4 +132,53 @@ pub trait Runtime: Send + Sync {
     async fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecOutcome>;
     /// Every instance this host created, including half-made ones.
     async fn list_managed(&self) -> Result<Vec<ManagedInstance>>;
+}
+
+/// Every runtime this host offers, by name, and the one used when neither
+/// the client nor a policy chooses (SANDBOX_RUNTIME).
+pub struct Runtimes {
+    by_name: BTreeMap<String, Arc<dyn Runtime>>,
+    default: String,
+}
+
+impl Runtimes {
+    /// Fails when two runtimes share a name or `default` is not among them.
+    pub fn new(
+        default: &str,
+        runtimes: Vec<Arc<dyn Runtime>>,
+    ) -> std::result::Result<Self, String> {
+        let mut by_name = BTreeMap::new();
+        for runtime in runtimes {
+            let name = runtime.name().to_string();
+            if by_name.insert(name.clone(), runtime).is_some() {
+                return Err(format!("two runtimes are named {name:?}"));
+            }
+        }
+        if !by_name.contains_key(default) {
+            return Err(format!(
+                "SANDBOX_RUNTIME={default}: no such runtime; this host offers: {}",
+                by_name.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        Ok(Self {
+            by_name,
+            default: default.to_string(),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Runtime>> {
+        self.by_name.get(name)
+    }
+
+    pub fn default_runtime(&self) -> &Arc<dyn Runtime> {
+        &self.by_name[&self.default]
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.by_name.keys().map(String::as_str).collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Runtime>> {
+        self.by_name.values()
+    }
 }

@@ -1,29 +1,42 @@
-//! Killing a process and all its descendants by host PID, read from /proc.
-//! Used when a command times out: the engine has no call that kills an exec,
-//! and killing only the shell would leave its children running.
+//! Signalling a process and all its descendants by host PID, read from /proc.
+//! Used when a command times out (the engine has no call that kills an exec,
+//! and killing only the shell would leave its children running) and by the
+//! runtime plugins' process capability.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
 
 /// Sends SIGKILL to `root` and every descendant; returns how many were signalled.
 pub fn kill_tree(root: i32) -> usize {
-    let children = children_by_parent();
-    let mut victims = Vec::new();
-    let mut queue = VecDeque::from([root]);
-    while let Some(pid) = queue.pop_front() {
-        victims.push(pid);
-        if let Some(kids) = children.get(&pid) {
-            queue.extend(kids.iter().copied());
-        }
-    }
+    signal_tree(root, libc::SIGKILL)
+}
+
+/// Sends `signal` to `root` and every descendant, parents first (so a
+/// stopped parent cannot start new children after its own were signalled);
+/// returns how many were signalled.
+pub fn signal_tree(root: i32, signal: i32) -> usize {
     let mut signalled = 0;
-    for pid in victims {
+    for pid in tree(root) {
         // SAFETY: kill(2) with a plain pid and signal has no memory effects.
-        if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+        if unsafe { libc::kill(pid, signal) } == 0 {
             signalled += 1;
         }
     }
     signalled
+}
+
+/// `root` and every descendant, parents first.
+pub fn tree(root: i32) -> Vec<i32> {
+    let children = children_by_parent();
+    let mut members = Vec::new();
+    let mut queue = VecDeque::from([root]);
+    while let Some(pid) = queue.pop_front() {
+        members.push(pid);
+        if let Some(kids) = children.get(&pid) {
+            queue.extend(kids.iter().copied());
+        }
+    }
+    members
 }
 
 fn children_by_parent() -> HashMap<i32, Vec<i32>> {

@@ -6,6 +6,7 @@
 
 mod files;
 mod locks;
+mod mount_points;
 mod paths;
 mod plugged;
 mod processes;
@@ -23,7 +24,9 @@ use crate::agent::{pb, AgentError, Agents};
 use crate::btrfs::{self, BtrfsError};
 use crate::names::{self, NameError};
 use crate::plugins::PluginChain;
-use crate::runtimes::{AgentMount, ExecOutcome, ExecRequest, InstanceSpec, Runtime, RuntimeError};
+use crate::runtimes::{
+    AgentMount, ExecOutcome, ExecRequest, InstanceSpec, Runtime, RuntimeError, Runtimes,
+};
 use crate::store::{
     ApiKey, ForkSource, NewSandbox, Sandbox, SandboxState, Snapshot, Store, StoreError,
 };
@@ -58,8 +61,8 @@ pub enum SandboxError {
     DeniedByHook { plugin: String, reason: String },
     #[error("plugin error: {0}")]
     Plugin(String),
-    #[error("runtime {0:?} is not available; this host offers: docker")]
-    RuntimeUnavailable(String),
+    #[error("runtime {runtime:?} is not available; this host offers: {offered}")]
+    RuntimeUnavailable { runtime: String, offered: String },
     #[error("image {image:?} is not available: {reason}")]
     ImageUnavailable { image: String, reason: String },
     #[error("{0}")]
@@ -197,7 +200,7 @@ const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Sandboxes {
     store: Store,
-    runtime: Arc<dyn Runtime>,
+    runtimes: Runtimes,
     paths: SnapshotPaths,
     locks: LockTable,
     default_image: String,
@@ -209,7 +212,7 @@ pub struct Sandboxes {
 impl Sandboxes {
     pub fn new(
         store: Store,
-        runtime: Arc<dyn Runtime>,
+        runtimes: Runtimes,
         paths: SnapshotPaths,
         default_image: String,
         limits: RunLimits,
@@ -218,7 +221,7 @@ impl Sandboxes {
     ) -> Self {
         Self {
             store,
-            runtime,
+            runtimes,
             paths,
             locks: LockTable::default(),
             default_image,
@@ -288,7 +291,7 @@ impl Sandboxes {
         };
         names::validate_image(&image)?;
         let runtime = self.choose_runtime(caller, &request, &image).await?;
-        self.runtime.ensure_image(&image).await?;
+        self.runtime_named(&runtime)?.ensure_image(&image).await?;
 
         let origin = match &source {
             Some((src, snapshot)) => RootOrigin::Fork {
@@ -325,8 +328,17 @@ impl Sandboxes {
             }
             Err(err) => {
                 warn!(id = %sandbox.id, error = %err, "create failed, cleaning up");
-                if let Err(cleanup) = self.destroy(&sandbox).await {
-                    warn!(id = %sandbox.id, error = %cleanup, "cleanup after failed create failed; recovery will retry");
+                // The row as it is now: it names the instance if one was made.
+                let current = self
+                    .store
+                    .get_sandbox(new.owner_key_id, &new.name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|s| s.id == sandbox.id)
+                    .unwrap_or(sandbox);
+                if let Err(cleanup) = self.destroy(&current).await {
+                    warn!(id = %current.id, error = %cleanup, "cleanup after failed create failed; recovery will retry");
                 }
                 Err(err)
             }
@@ -336,9 +348,9 @@ impl Sandboxes {
     /// Creates the instance, fills its root from its origin, takes the
     /// `initial` snapshot (unless the origin brings one) and starts it.
     async fn build(&self, sandbox: &Sandbox, origin: RootOrigin<'_>) -> Result<()> {
+        let runtime = self.runtime_of(sandbox)?;
         let socket_dir = self.agents.prepare(sandbox.id).await?;
-        let instance = self
-            .runtime
+        let instance = runtime
             .create(&InstanceSpec {
                 sandbox_id: sandbox.id,
                 hostname: sandbox.name.clone(),
@@ -388,7 +400,8 @@ impl Sandboxes {
             self.take_snapshot(sandbox.id, &instance.rootfs, INITIAL_SNAPSHOT)
                 .await?;
         }
-        self.runtime.start(&instance.id).await?;
+        mount_points::secure_async(&instance.rootfs).await?;
+        runtime.start(&instance.id).await?;
         self.agents
             .wait_ready(sandbox.id, AGENT_READY_TIMEOUT)
             .await
@@ -429,7 +442,7 @@ impl Sandboxes {
     /// Removes everything a sandbox has: instance, root filesystem, snapshots, row.
     async fn destroy(&self, sandbox: &Sandbox) -> Result<()> {
         if let Some(container) = &sandbox.container_id {
-            self.runtime.remove(container).await?;
+            self.runtime_of(sandbox)?.remove(container).await?;
         }
         // The engine removes the root filesystem with the instance; a swap that
         // crashed half-way may have left one the engine no longer knows.
@@ -462,7 +475,7 @@ impl Sandboxes {
         let outcome = if via_agent {
             self.run_via_agent(&sandbox, &exec).await
         } else {
-            self.runtime
+            self.runtime_of(&sandbox)?
                 .exec(&container, &exec)
                 .await
                 .map_err(|e| match e {
@@ -602,11 +615,13 @@ impl Sandboxes {
                 state: "error",
             });
         };
+        let runtime = self.runtime_of(sandbox)?;
         let started = Instant::now();
-        self.runtime.stop(container).await?;
+        runtime.stop(container).await?;
         replace_rootfs(rootfs, &self.paths.snapshot(sandbox.id, snapshot)).await?;
         self.agents.forget(sandbox.id);
-        self.runtime.start(container).await?;
+        mount_points::secure_async(rootfs).await?;
+        runtime.start(container).await?;
         if self.agents.has_agent(sandbox.id).await {
             self.agents
                 .wait_ready(sandbox.id, AGENT_READY_TIMEOUT)
@@ -706,12 +721,13 @@ impl Sandboxes {
         names::validate_resource_name("sandbox", name)?;
         names::validate_resource_name("snapshot", snapshot)?;
         names::validate_image(image)?;
-        self.runtime.ensure_image(image).await?;
+        let runtime = self.runtimes.default_runtime();
+        runtime.ensure_image(image).await?;
         let new = NewSandbox {
             owner_key_id: owner,
             name: name.to_string(),
             image: image.to_string(),
-            runtime: self.runtime.name().to_string(),
+            runtime: runtime.name().to_string(),
             env: BTreeMap::new(),
             labels: BTreeMap::new(),
             forked_from: None,
@@ -724,6 +740,25 @@ impl Sandboxes {
             },
         )
         .await
+    }
+
+    /// The runtime a sandbox runs on (a plugin dropped from the plugins
+    /// file leaves its sandboxes without one).
+    fn runtime_of(&self, sandbox: &Sandbox) -> Result<&Arc<dyn Runtime>> {
+        self.runtime_named(&sandbox.runtime)
+    }
+
+    fn runtime_named(&self, name: &str) -> Result<&Arc<dyn Runtime>> {
+        self.runtimes
+            .get(name)
+            .ok_or_else(|| SandboxError::RuntimeUnavailable {
+                runtime: name.to_string(),
+                offered: self.runtimes.names().join(", "),
+            })
+    }
+
+    pub fn runtimes(&self) -> &Runtimes {
+        &self.runtimes
     }
 
     fn rootfs_of<'a>(&self, sandbox: &'a Sandbox) -> Result<&'a Path> {

@@ -1,6 +1,7 @@
 //! Where a host keeps its snapshots on the Btrfs filesystem:
 //! `<DOCKER_BTRFS_PATH>/opensandbox/hosts/<host id>/sandboxes/<sandbox id>/snapshots/<name>`,
-//! and imports being received under `.../hosts/<host id>/staging/<job id>`.
+//! imports being received under `.../hosts/<host id>/staging/<job id>`, and
+//! runtime plugins' subvolumes under `.../hosts/<host id>/runtimes/<plugin>`.
 //! The host id keeps several hosts sharing one filesystem out of each other's
 //! way; names reaching these paths are validated before they get here.
 
@@ -12,6 +13,7 @@ use uuid::Uuid;
 pub struct SnapshotPaths {
     sandboxes: PathBuf,
     staging: PathBuf,
+    runtimes: PathBuf,
 }
 
 impl SnapshotPaths {
@@ -22,7 +24,13 @@ impl SnapshotPaths {
         Self {
             sandboxes: host.join("sandboxes"),
             staging: host.join("staging"),
+            runtimes: host.join("runtimes"),
         }
+    }
+
+    /// Where runtime plugins keep this host's subvolumes, one folder each.
+    pub fn runtimes_root(&self) -> &Path {
+        &self.runtimes
     }
 
     /// The folder holding every sandbox of this host.

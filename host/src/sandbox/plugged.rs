@@ -33,16 +33,18 @@ impl Sandboxes {
         request: &CreateSandbox,
         image: &str,
     ) -> Result<String> {
-        let available = self.runtime.name();
         let choice = if self.plugins.is_empty() {
             RuntimeChoice::Fallback
         } else {
             let load = self.store.count_by_runtime().await?;
-            let candidates = vec![types::RuntimeCandidate {
-                name: available.to_string(),
-                healthy: self.runtime.healthy().await,
-                sandboxes: load.get(available).copied().unwrap_or(0),
-            }];
+            let mut candidates = Vec::new();
+            for runtime in self.runtimes.iter() {
+                candidates.push(types::RuntimeCandidate {
+                    name: runtime.name().to_string(),
+                    healthy: runtime.healthy().await,
+                    sandboxes: load.get(runtime.name()).copied().unwrap_or(0),
+                });
+            }
             let wit_request = types::CreateRequest {
                 name: request.name.clone(),
                 image: image.to_string(),
@@ -67,10 +69,8 @@ impl Sandboxes {
                 Ok(runtime)
             }
             RuntimeChoice::Fallback => match &request.runtime {
-                Some(runtime) if runtime != available => {
-                    Err(SandboxError::RuntimeUnavailable(runtime.clone()))
-                }
-                _ => Ok(available.to_string()),
+                Some(runtime) => Ok(self.runtime_named(runtime)?.name().to_string()),
+                None => Ok(self.runtimes.default_runtime().name().to_string()),
             },
         }
     }

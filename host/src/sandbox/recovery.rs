@@ -76,8 +76,9 @@ impl Sandboxes {
                 }
             }
             SandboxState::Running | SandboxState::Stopped | SandboxState::Error => {
+                let runtime = self.runtime_of(sandbox)?;
                 let status = match &sandbox.container_id {
-                    Some(container) => self.runtime.status(container).await?,
+                    Some(container) => runtime.status(container).await?,
                     None => InstanceStatus::Missing,
                 };
                 let rootfs_ok = match &sandbox.rootfs_path {
@@ -94,7 +95,16 @@ impl Sandboxes {
                         report.kept += 1;
                     }
                     (InstanceStatus::Stopped, true, Some(container)) => {
-                        self.runtime.start(container).await?;
+                        if let Some(rootfs) = &sandbox.rootfs_path {
+                            super::mount_points::secure_async(rootfs).await?;
+                        }
+                        runtime.start(container).await?;
+                        if self.agents.has_agent(sandbox.id).await {
+                            self.agents
+                                .wait_ready(sandbox.id, super::AGENT_READY_TIMEOUT)
+                                .await
+                                .map_err(super::SandboxError::Agent)?;
+                        }
                         self.store
                             .set_state(sandbox.id, SandboxState::Running, None)
                             .await?;
@@ -118,13 +128,15 @@ impl Sandboxes {
         known: &HashSet<Uuid>,
         report: &mut RecoveryReport,
     ) -> Result<()> {
-        for instance in self.runtime.list_managed().await? {
-            if instance.sandbox_id.is_some_and(|id| known.contains(&id)) {
-                continue;
+        for runtime in self.runtimes.iter() {
+            for instance in runtime.list_managed().await? {
+                if instance.sandbox_id.is_some_and(|id| known.contains(&id)) {
+                    continue;
+                }
+                info!(runtime = runtime.name(), instance = %instance.id, "removing an instance no sandbox owns");
+                runtime.remove(&instance.id).await?;
+                report.orphan_instances += 1;
             }
-            info!(instance = %instance.id, "removing an instance no sandbox owns");
-            self.runtime.remove(&instance.id).await?;
-            report.orphan_instances += 1;
         }
         Ok(())
     }

@@ -75,7 +75,16 @@ order = 10
 }
 
 fn in_process(calls: usize, config: &std::path::Path, cache: std::path::PathBuf) -> Result<()> {
-    let chain = PluginChain::load(config, cache)?;
+    // Policies and hooks only: nothing here needs the runtime folders or a tokio runtime.
+    let dirs = opensandbox::plugins::PluginDirs {
+        state: cache.join("state"),
+        process_ledgers: cache.join("processes"),
+        btrfs_own: cache.join("btrfs"),
+        btrfs_shared: cache.join("btrfs-shared"),
+        cache,
+    };
+    let tokio = tokio::runtime::Runtime::new()?;
+    let chain = PluginChain::load(config, &dirs, tokio.handle())?;
     let caller = CallerInfo {
         key_id: uuid::Uuid::new_v4().to_string(),
         admin: false,

@@ -22,6 +22,7 @@ use opensandbox_e2e::{
 };
 
 mod agent;
+mod runtimes;
 
 const DEFAULT_RUNS: usize = 50;
 
@@ -31,10 +32,14 @@ struct Args {
     transfer: bool,
     /// Only the transfer rows.
     transfer_only: bool,
+    /// Docker beside the namespaces runtime plugin (and nothing else).
+    runtimes: bool,
+    /// With --runtimes: how many idle namespaces sandboxes to create.
+    idle: usize,
 }
 
 fn usage() -> &'static str {
-    "usage: opensandbox-bench [--runs N] [--transfer | --transfer-only]\n\
+    "usage: opensandbox-bench [--runs N] [--transfer | --transfer-only | --runtimes [--idle N]]\n\
      \n\
      Measures create, run, snapshot (1 MiB and 1 GiB written), restore and fork of an\n\
      opensandbox host it starts itself, plus docker CLI baselines, N times each (default 50).\n\
@@ -42,6 +47,8 @@ fn usage() -> &'static str {
      `cargo build --release -p opensandbox`), else target/debug/opensandbox.\n\
      --transfer adds export/import through S3 of a 1 GiB snapshot (min(N, 3) runs, against a\n\
      local moto_server: MOTO_SERVER) next to `btrfs send | zstd > /dev/null`.\n\
+     --runtimes measures Docker and the namespaces runtime plugin side by side instead, then\n\
+     creates --idle N (default 1000) idle namespaces sandboxes to measure their memory.\n\
      Environment: DOCKER_HOST, DOCKER_BTRFS_PATH, DOCKER_IMAGE as for the host."
 }
 
@@ -49,6 +56,8 @@ fn parse_args() -> Result<Args> {
     let mut runs = DEFAULT_RUNS;
     let mut transfer = false;
     let mut transfer_only = false;
+    let mut runtimes = false;
+    let mut idle = 1000;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -65,6 +74,13 @@ fn parse_args() -> Result<Args> {
                     .with_context(|| format!("--runs {v:?} is not a number"))?;
             }
             "--transfer" => transfer = true,
+            "--runtimes" => runtimes = true,
+            "--idle" => {
+                let v = it.next().context("--idle needs a value")?;
+                idle = v
+                    .parse()
+                    .with_context(|| format!("--idle {v:?} is not a number"))?;
+            }
             "--transfer-only" => {
                 transfer = true;
                 transfer_only = true;
@@ -83,6 +99,8 @@ fn parse_args() -> Result<Args> {
         runs,
         transfer,
         transfer_only,
+        runtimes,
+        idle,
     })
 }
 
@@ -589,6 +607,9 @@ async fn bench(args: Args) -> Result<()> {
     println!("- image: {image}");
     println!("- host binary: {}", bin.display());
     println!();
+    if args.runtimes {
+        return runtimes::bench(bin, n, args.idle).await;
+    }
 
     progress("starting the host");
     let s3 = if args.transfer {

@@ -1,0 +1,59 @@
+//! Test fixture: `create` returns an instance that makes no sense, chosen by the spec's
+//! variable `NONSENSE`:
+//!
+//! | `NONSENSE` | returned instance |
+//! |---|---|
+//! | `missing-root` (the default) | the sandbox's id, root subvolume `sandboxes/<id>-missing`, which does not exist |
+//! | `escape-root` | the sandbox's id, root subvolume `../../etc` |
+//! | `bad-id` | id `"../x y"`, a real root subvolume `sandboxes/<id>` (made by this call) |
+//! | `empty-id` | id `""`, a real root subvolume `sandboxes/<id>` (made by this call) |
+//!
+//! The host must refuse each and remove what the call made. Every other call answers as if
+//! nothing exists.
+
+use opensandbox_plugin_sdk::{
+    btrfs, export_runtime, Driver, DriverError, Instance, InstanceSpec, InstanceState,
+};
+
+struct NonsenseRuntime;
+
+impl Driver for NonsenseRuntime {
+    fn create(spec: &InstanceSpec) -> Result<Instance, DriverError> {
+        let id = spec.sandbox_id.clone();
+        let real_root = || -> Result<String, DriverError> {
+            let root = format!("sandboxes/{id}");
+            btrfs::create_subvolume(&root)?;
+            Ok(root)
+        };
+        let (id, root_subvolume) = match spec.env_var("NONSENSE").unwrap_or("missing-root") {
+            "missing-root" => (id.clone(), format!("sandboxes/{id}-missing")),
+            "escape-root" => (id.clone(), "../../etc".to_string()),
+            "bad-id" => ("../x y".to_string(), real_root()?),
+            "empty-id" => (String::new(), real_root()?),
+            other => {
+                return Err(DriverError::Failed(format!(
+                    "NONSENSE={other:?}: want missing-root, escape-root, bad-id or empty-id"
+                )))
+            }
+        };
+        Ok(Instance { id, root_subvolume })
+    }
+
+    fn start(id: &str) -> Result<(), DriverError> {
+        Err(DriverError::NotFound(id.to_string()))
+    }
+
+    fn stop(id: &str) -> Result<(), DriverError> {
+        Err(DriverError::NotFound(id.to_string()))
+    }
+
+    fn destroy(_id: &str) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    fn inspect(_id: &str) -> Result<InstanceState, DriverError> {
+        Ok(InstanceState::Missing)
+    }
+}
+
+export_runtime!(NonsenseRuntime);
