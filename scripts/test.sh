@@ -15,6 +15,10 @@ cargo build -p opensandbox
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --all-targets -- --test-threads "${TEST_THREADS:-2}" 2>&1 | tee "$log"
+# The plugin SDK's and the plugins' own unit tests (native; their own workspaces).
+for ws in sdk plugins tests/plugins; do
+    (cd "$ws" && CARGO_TARGET_DIR="$OLDPWD/target/native-plugins" cargo test --locked --quiet) 2>&1 | tee -a "$log"
+done
 # The same end-to-end suites again against the namespaces runtime plugin
 # (tests of Docker-only behaviour say so and return early).
 OPENSANDBOX_TEST_RUNTIME=namespaces cargo test -p opensandbox-e2e \

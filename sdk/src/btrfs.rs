@@ -1,5 +1,8 @@
-//! Btrfs subvolumes under the plugin's own root, `<DOCKER_BTRFS_PATH>/runtimes/<plugin>/`
-//! (runtime plugins only; needs the `btrfs` grant).
+//! Btrfs subvolumes under the plugin's own root on this host
+//! (`<DOCKER_BTRFS_PATH>/opensandbox/hosts/<host id>/runtimes/<plugin>/`), and the machine's
+//! shared base images, named `images/...` (`<DOCKER_BTRFS_PATH>/runtimes/<plugin>/images/`,
+//! prepared by the operator; read-only: they can be snapshotted and listed, not created or
+//! deleted). Runtime plugins only; needs the `btrfs` grant.
 //!
 //! A name is a relative path of 1 to 4 segments (`images/ubuntu_22.04`, `sandboxes/<id>`),
 //! each from `[A-Za-z0-9_][A-Za-z0-9._-]*` and at most 128 characters ([`is_valid_name`]);

@@ -82,8 +82,10 @@ pub fn read_to_string(name: &str) -> io::Result<Option<String>> {
     }
 }
 
-/// Replaces the file `name` with `data` atomically: written to a temporary file, synced, then
-/// renamed over it.
+/// Replaces the file `name` with `data` atomically: written to a temporary file, then renamed
+/// over it, so a crash of the plugin or the host never leaves half a file. Not synced to disk:
+/// like the host's own store it survives a crash of the host, not of the machine (after a
+/// power cut no sandbox is running anyway); a runtime that needs more calls [`sync`] after.
 pub fn write(name: &str, data: impl AsRef<[u8]>) -> io::Result<()> {
     let path = path(name)?;
     // A random suffix: two calls writing the same name at once must not share a temp file.
@@ -92,7 +94,6 @@ pub fn write(name: &str, data: impl AsRef<[u8]>) -> io::Result<()> {
     let written = (|| {
         let mut file = fs::File::create(&temp)?;
         file.write_all(data.as_ref())?;
-        file.sync_all()?;
         fs::rename(&temp, &path)
     })();
     if let Err(e) = written {
@@ -100,6 +101,18 @@ pub fn write(name: &str, data: impl AsRef<[u8]>) -> io::Result<()> {
         return Err(context(e, "writing", &path));
     }
     Ok(())
+}
+
+/// Flushes the file `name` to disk (and the rename that made it): for state that must
+/// survive a power cut.
+pub fn sync(name: &str) -> io::Result<()> {
+    let path = path(name)?;
+    fs::File::open(&path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| context(e, "syncing", &path))?;
+    fs::File::open(dir())
+        .and_then(|d| d.sync_all())
+        .map_err(|e| context(e, "syncing the folder of", &path))
 }
 
 /// Removes the file `name`; `false` when there was none.

@@ -295,7 +295,25 @@ process = ["/usr/bin/sleep"]
         looped.1
     );
 
-    for nonsense in ["missing-root", "escape-root", "bad-id", "empty-id"] {
+    // image-root names a shared base image that exists: the host must still
+    // refuse it (it would write into it, and replace it on restore).
+    let shared = btrfs_path().join("runtimes/nonsense-runtime/images");
+    std::fs::create_dir_all(&shared)?;
+    let image = shared.join("ubuntu_22.04");
+    if !image.exists() {
+        let made = std::process::Command::new("btrfs")
+            .args(["-q", "subvolume", "create"])
+            .arg(&image)
+            .status()?;
+        ensure!(made.success(), "btrfs subvolume create {}", image.display());
+    }
+    for nonsense in [
+        "missing-root",
+        "escape-root",
+        "bad-id",
+        "empty-id",
+        "image-root",
+    ] {
         let resp = host
             .post(
                 "/vms",
@@ -311,6 +329,7 @@ process = ["/usr/bin/sleep"]
         );
     }
 
+    ensure!(image.is_dir(), "the shared image is still there");
     for plugin in ["trap-runtime", "loop-runtime", "nonsense-runtime"] {
         let left = leftovers(&host, plugin)?;
         ensure!(left.is_empty(), "{plugin} left subvolumes: {left:?}");

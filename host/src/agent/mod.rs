@@ -204,7 +204,8 @@ impl Agents {
 
     /// Waits until a freshly started agent answers.
     pub async fn wait_ready(&self, sandbox: Uuid, within: Duration) -> Result<InfoResponse> {
-        let deadline = tokio::time::Instant::now() + within;
+        let started = tokio::time::Instant::now();
+        let deadline = started + within;
         let mut pause = Duration::from_millis(1);
         loop {
             match self.info(sandbox).await {
@@ -214,8 +215,11 @@ impl Agents {
                     // next try dials again at once.
                     self.forget(sandbox);
                     tokio::time::sleep(pause).await;
-                    // Short steps: a namespaces sandbox is up in a few milliseconds.
-                    pause = (pause * 2).min(Duration::from_millis(4));
+                    // Millisecond steps while an agent may be about to answer
+                    // (a namespaces sandbox is up in a few), then longer ones.
+                    if started.elapsed() > Duration::from_millis(100) {
+                        pause = Duration::from_millis(10);
+                    }
                 }
                 Err(err) => return Err(err),
             }

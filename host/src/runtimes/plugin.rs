@@ -20,6 +20,7 @@ use crate::plugins::capabilities::CallJournal;
 use crate::plugins::driver_types as wit;
 use crate::plugins::{CallError, DriverGuest, LoadedPlugin, PluginState};
 
+#[derive(Clone)]
 pub struct PluginRuntime {
     name: String,
     plugin: Arc<LoadedPlugin>,
@@ -115,9 +116,62 @@ impl PluginRuntime {
         .await;
     }
 
-    /// Checks what `create` returned and resolves the root's host path.
-    fn check_instance(&self, instance: &wit::Instance) -> std::result::Result<Instance, String> {
+    /// Runs on its own task (see `create` in the [`Runtime`] impl): a client that
+    /// goes away must not cancel the undo of a failed call.
+    async fn create_owned(self, spec: InstanceSpec) -> Result<Instance> {
+        let wit_spec = wit::InstanceSpec {
+            sandbox_id: spec.sandbox_id.to_string(),
+            hostname: spec.hostname.clone(),
+            image: spec.image.clone(),
+            env: spec.env.clone().into_iter().collect(),
+            agent: wit::AgentMount {
+                binary: spec.agent.binary.to_string_lossy().into_owned(),
+                socket_dir: spec.agent.socket_dir.to_string_lossy().into_owned(),
+                args: spec.agent.args.clone(),
+            },
+        };
+        let image = spec.image.clone();
+        let created = self
+            .driver("create", true, move |store, driver| {
+                driver.call_create(store, &wit_spec)
+            })
+            .await;
+        let (instance, journal) = match created {
+            Ok(made) => made,
+            Err(RuntimeError::ImageUnavailable { reason, .. }) => {
+                return Err(RuntimeError::ImageUnavailable { image, reason })
+            }
+            Err(other) => return Err(other),
+        };
+        match self.check_instance(&instance, &journal) {
+            Ok(checked) => Ok(checked),
+            Err(why) => {
+                tracing::warn!(plugin = %self.name, %why, "runtime plugin returned a nonsense instance; undoing its create");
+                self.undo(journal).await;
+                Err(RuntimeError::Engine {
+                    op: "create",
+                    detail: format!("runtime plugin {:?} returned nonsense: {why}", self.name),
+                })
+            }
+        }
+    }
+
+    /// Checks what `create` returned and resolves the root's host path. The
+    /// root must be a subvolume this very call made: never a shared image,
+    /// another sandbox's root or anything the host would then overwrite or
+    /// delete on the plugin's word.
+    fn check_instance(
+        &self,
+        instance: &wit::Instance,
+        journal: &CallJournal,
+    ) -> std::result::Result<Instance, String> {
         check_instance_id(&instance.id)?;
+        if !journal.subvolumes.contains(&instance.root_subvolume) {
+            return Err(format!(
+                "root subvolume {:?} was not made by this create call",
+                instance.root_subvolume
+            ));
+        }
         let caps = self
             .plugin
             .capabilities()
@@ -190,50 +244,30 @@ impl Runtime for PluginRuntime {
     }
 
     async fn create(&self, spec: &InstanceSpec) -> Result<Instance> {
-        let wit_spec = wit::InstanceSpec {
-            sandbox_id: spec.sandbox_id.to_string(),
-            hostname: spec.hostname.clone(),
-            image: spec.image.clone(),
-            env: spec.env.clone().into_iter().collect(),
-            agent: wit::AgentMount {
-                binary: spec.agent.binary.to_string_lossy().into_owned(),
-                socket_dir: spec.agent.socket_dir.to_string_lossy().into_owned(),
-                args: spec.agent.args.clone(),
-            },
-        };
-        let image = spec.image.clone();
-        let created = self
-            .driver("create", true, move |store, driver| {
-                driver.call_create(store, &wit_spec)
-            })
-            .await;
-        let (instance, journal) = match created {
-            Ok(made) => made,
-            Err(RuntimeError::ImageUnavailable { reason, .. }) => {
-                return Err(RuntimeError::ImageUnavailable { image, reason })
-            }
-            Err(other) => return Err(other),
-        };
-        match self.check_instance(&instance) {
-            Ok(checked) => Ok(checked),
-            Err(why) => {
-                tracing::warn!(plugin = %self.name, %why, "runtime plugin returned a nonsense instance; undoing its create");
-                self.undo(journal).await;
-                Err(RuntimeError::Engine {
-                    op: "create",
-                    detail: format!("runtime plugin {:?} returned nonsense: {why}", self.name),
-                })
-            }
-        }
+        tokio::spawn(self.clone().create_owned(spec.clone()))
+            .await
+            .map_err(|e| RuntimeError::Engine {
+                op: "create",
+                detail: format!("runtime plugin {:?}: {e}", self.name),
+            })?
     }
 
     async fn start(&self, id: &str) -> Result<()> {
+        let this = self.clone();
         let id = id.to_string();
-        self.driver("start", true, move |store, driver| {
-            driver.call_start(store, &id)
+        // Its own task, as create: the undo of a failed start must run.
+        tokio::spawn(async move {
+            this.driver("start", true, move |store, driver| {
+                driver.call_start(store, &id)
+            })
+            .await
+            .map(|_| ())
         })
         .await
-        .map(|_| ())
+        .map_err(|e| RuntimeError::Engine {
+            op: "start",
+            detail: format!("runtime plugin {:?}: {e}", self.name),
+        })?
     }
 
     async fn stop(&self, id: &str) -> Result<()> {

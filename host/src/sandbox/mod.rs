@@ -25,7 +25,8 @@ use crate::btrfs::{self, BtrfsError};
 use crate::names::{self, NameError};
 use crate::plugins::PluginChain;
 use crate::runtimes::{
-    AgentMount, ExecOutcome, ExecRequest, InstanceSpec, Runtime, RuntimeError, Runtimes,
+    AgentMount, ExecOutcome, ExecRequest, InstanceSpec, InstanceStatus, Runtime, RuntimeError,
+    Runtimes,
 };
 use crate::store::{
     ApiKey, ForkSource, NewSandbox, Sandbox, SandboxState, Snapshot, Store, StoreError,
@@ -396,16 +397,25 @@ impl Sandboxes {
                 has_initial = snapshot == INITIAL_SNAPSHOT;
             }
         }
-        if !has_initial {
-            self.take_snapshot(sandbox.id, &instance.rootfs, INITIAL_SNAPSHOT)
-                .await?;
-        }
         mount_points::secure_async(&instance.rootfs).await?;
-        runtime.start(&instance.id).await?;
-        self.agents
-            .wait_ready(sandbox.id, AGENT_READY_TIMEOUT)
-            .await
-            .map_err(SandboxError::Agent)?;
+        // The `initial` snapshot is taken while the instance starts: nothing
+        // in a sandbox writes to its root before this call returns (its only
+        // process is the agent, which writes to its socket folder), and the
+        // snapshot is a few milliseconds of the create path.
+        let initial = async {
+            if !has_initial {
+                self.take_snapshot(sandbox.id, &instance.rootfs, INITIAL_SNAPSHOT)
+                    .await?;
+            }
+            Ok::<_, SandboxError>(())
+        };
+        let started = async {
+            runtime.start(&instance.id).await?;
+            self.wait_started(sandbox, runtime, &instance.id).await
+        };
+        let (initial, started) = tokio::join!(initial, started);
+        initial?;
+        started?;
         self.store
             .set_state(sandbox.id, SandboxState::Running, None)
             .await?;
@@ -623,10 +633,7 @@ impl Sandboxes {
         mount_points::secure_async(rootfs).await?;
         runtime.start(container).await?;
         if self.agents.has_agent(sandbox.id).await {
-            self.agents
-                .wait_ready(sandbox.id, AGENT_READY_TIMEOUT)
-                .await
-                .map_err(SandboxError::Agent)?;
+            self.wait_started(sandbox, runtime, container).await?;
         }
         self.store
             .set_state(sandbox.id, SandboxState::Running, None)
@@ -740,6 +747,43 @@ impl Sandboxes {
             },
         )
         .await
+    }
+
+    /// Waits for a started instance's agent to answer. Meanwhile the runtime
+    /// is asked now and then whether the instance still runs, so that one
+    /// that failed to start (its init ended) is reported at once rather than
+    /// after the whole timeout; twice in a row, since an engine restarting
+    /// the instance shows it stopped for a moment.
+    async fn wait_started(
+        &self,
+        sandbox: &Sandbox,
+        runtime: &Arc<dyn Runtime>,
+        instance: &str,
+    ) -> Result<()> {
+        const LOOK_EVERY: Duration = Duration::from_millis(250);
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        let mut stopped_before = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .agents
+                .wait_ready(sandbox.id, left.min(LOOK_EVERY))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(AgentError::Unavailable(_)) if left > LOOK_EVERY => {
+                    let stopped = runtime.status(instance).await? != InstanceStatus::Running;
+                    if stopped && stopped_before {
+                        return Err(SandboxError::Runtime(RuntimeError::Setup(format!(
+                            "the {} instance stopped before its agent answered",
+                            runtime.name()
+                        ))));
+                    }
+                    stopped_before = stopped;
+                }
+                Err(err) => return Err(SandboxError::Agent(err)),
+            }
+        }
     }
 
     /// The runtime a sandbox runs on (a plugin dropped from the plugins

@@ -128,14 +128,27 @@ impl Sandboxes {
         known: &HashSet<Uuid>,
         report: &mut RecoveryReport,
     ) -> Result<()> {
+        // One runtime failing (a broken plugin) must not keep the host, and
+        // the other runtimes' sandboxes, from starting: it is logged and skipped.
         for runtime in self.runtimes.iter() {
-            for instance in runtime.list_managed().await? {
+            let instances = match runtime.list_managed().await {
+                Ok(instances) => instances,
+                Err(err) => {
+                    warn!(runtime = runtime.name(), error = %err, "cannot list the runtime's instances; orphans stay until the next start");
+                    continue;
+                }
+            };
+            for instance in instances {
                 if instance.sandbox_id.is_some_and(|id| known.contains(&id)) {
                     continue;
                 }
                 info!(runtime = runtime.name(), instance = %instance.id, "removing an instance no sandbox owns");
-                runtime.remove(&instance.id).await?;
-                report.orphan_instances += 1;
+                match runtime.remove(&instance.id).await {
+                    Ok(()) => report.orphan_instances += 1,
+                    Err(err) => {
+                        warn!(runtime = runtime.name(), instance = %instance.id, error = %err, "cannot remove an orphan instance")
+                    }
+                }
             }
         }
         Ok(())

@@ -48,10 +48,6 @@ pub struct Launch<'a> {
     pub env: &'a [(String, String)],
     /// The host's agent.
     pub agent: &'a AgentMount,
-    /// bwrap's own user namespace (only the host's uid mapped, as root: other users do not
-    /// exist inside) or none (real root, so that other users work inside, as in Docker). The
-    /// capabilities are Docker's either way.
-    pub user_namespace: bool,
 }
 
 /// bwrap's arguments (after argv\[0\]) for `launch`.
@@ -61,17 +57,16 @@ pub struct Launch<'a> {
 pub fn argv(launch: &Launch<'_>) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
-    if launch.user_namespace {
-        push(&["--unshare-all"]);
-    } else {
-        push(&[
-            "--unshare-ipc",
-            "--unshare-pid",
-            "--unshare-net",
-            "--unshare-uts",
-            "--unshare-cgroup-try",
-        ]);
-    }
+    // Every namespace but the user one, which the host makes (with every id of the image
+    // mapped, see the settings' `id_map`) or which is left out on purpose (`user_namespace =
+    // false`); bwrap's own maps only one id.
+    push(&[
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+    ]);
     // bwrap run by root keeps every capability unless told otherwise.
     push(&["--cap-drop", "ALL"]);
     for cap in DOCKER_CAPABILITIES {
@@ -132,7 +127,7 @@ mod tests {
     }
 
     #[test]
-    fn with_a_user_namespace() {
+    fn the_whole_command_line() {
         let agent = agent();
         let env = env(&[("LANG", "C.UTF-8"), ("X", "a b")]);
         let got = argv(&Launch {
@@ -140,9 +135,16 @@ mod tests {
             hostname: "web",
             env: &env,
             agent: &agent,
-            user_namespace: true,
         });
-        let mut want = vec!["--unshare-all", "--cap-drop", "ALL"];
+        let mut want = vec![
+            "--unshare-ipc",
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--cap-drop",
+            "ALL",
+        ];
         for cap in DOCKER_CAPABILITIES {
             want.extend(["--cap-add", cap]);
         }
@@ -187,14 +189,13 @@ mod tests {
     }
 
     #[test]
-    fn without_a_user_namespace() {
+    fn bwrap_never_makes_the_user_namespace() {
         let agent = agent();
         let got = argv(&Launch {
             root: "/r",
             hostname: "h",
             env: &[],
             agent: &agent,
-            user_namespace: false,
         });
         assert!(!got
             .iter()
@@ -230,7 +231,6 @@ mod tests {
             hostname: "h",
             env: &env,
             agent: &agent,
-            user_namespace: true,
         });
         let set: Vec<(&str, &str)> = got
             .windows(3)

@@ -54,9 +54,6 @@ use record::Record;
 
 /// Where instances' root subvolumes live under the plugin's Btrfs root.
 const SANDBOXES: &str = "sandboxes";
-/// How long `start` watches bwrap for an immediate failure (a bad flag, a missing mount
-/// source), which it can then report instead of the host timing out on the agent.
-const START_CHECK: Duration = Duration::from_millis(100);
 /// How long `stop` waits for a killed sandbox to be gone.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
@@ -230,8 +227,6 @@ impl Driver for Namespaces {
             hostname: &record.hostname,
             env: &record.env,
             agent: &agent,
-            // A user namespace the host made is one bwrap must not make again.
-            user_namespace: settings.user_namespace && settings.id_map.is_empty(),
         });
         let options = SpawnOptions {
             env: Vec::new(),
@@ -245,7 +240,9 @@ impl Driver for Namespaces {
         // Recorded before anything else can fail, so that stop and destroy find it.
         record.process = Some(pid.clone());
         record::save(id, &record)?;
-        match process::wait(&pid, START_CHECK) {
+        // No waiting here: a bwrap that fails a moment later (a bad flag, a missing mount
+        // source) is seen by the host, which watches `inspect` while it waits for the agent.
+        match process::state(&pid) {
             Ok(ProcessState::Running) => {
                 log::info!("started {id} (process {pid})");
                 Ok(())

@@ -107,8 +107,6 @@ fn start_runs_bwrap_and_stop_kills_it() {
             hostname: "web",
             env: &env,
             agent: &agent,
-            // The host makes the user namespace (the default id map), not bwrap.
-            user_namespace: false,
         })
     );
     assert!(bwrap.options.env.is_empty());

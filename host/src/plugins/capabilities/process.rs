@@ -29,6 +29,9 @@ const MAX_ARGS: usize = 4096;
 const MAX_ARG_BYTES: usize = 128 * 1024;
 /// How long a whole-tree SIGKILL waits for every member to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(2);
+/// How often a whole-tree kill looks whether the tree is gone (it usually
+/// is within a millisecond or two).
+const KILL_POLL: Duration = Duration::from_micros(500);
 /// How often a wait on an adopted process (not our child) looks again.
 const ADOPTED_POLL: Duration = Duration::from_millis(5);
 
@@ -99,6 +102,10 @@ struct Entry {
 struct LedgerRecord {
     program: PathBuf,
     group: Option<Group>,
+    /// The boot the process was started in: pids and start times repeat
+    /// across reboots, DATA_DIR does not forget.
+    #[serde(default)]
+    boot_id: Option<String>,
 }
 
 /// One runtime plugin's processes.
@@ -149,6 +156,8 @@ impl ProcessTable {
             let record: Option<LedgerRecord> = fs::read(file.path())
                 .ok()
                 .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            let this_boot = boot_id();
+            let record = record.filter(|r| r.boot_id.is_some() && r.boot_id == this_boot);
             let alive = parse_id(&id).filter(|(pid, start)| is_alive(*pid, *start));
             match (alive, record) {
                 (Some((pid, start_time)), Some(record)) => {
@@ -197,14 +206,12 @@ impl ProcessTable {
             )));
         }
         check_args(args, &options.env)?;
-        let running = self
-            .lock()
-            .values()
-            .filter(|e| self.state_of(e) == State::Running)
-            .count();
-        if running >= self.max_processes {
+        // Ended processes count until released: each holds a ledger file, maybe
+        // a cgroup and captured output.
+        let known = self.lock().len();
+        if known >= self.max_processes {
             return Err(CapabilityError::Failed(format!(
-                "this plugin already runs {running} processes (max_processes)"
+                "this plugin already has {known} processes (max_processes); release ended ones"
             )));
         }
         let group = match options.limits.filter(|l| !l.is_empty()) {
@@ -246,9 +253,18 @@ impl ProcessTable {
         let record = LedgerRecord {
             program: PathBuf::from(program),
             group: group.clone(),
+            boot_id: boot_id(),
         };
         if let Err(e) = write_ledger(&self.ledger.join(&id), &record) {
-            warn!(plugin = %self.plugin, id, error = %e, "cannot record the process in the ledger; it will not be adopted after a restart");
+            // Unrecorded, it would be lost at a restart while it runs on: a
+            // runtime would then start its sandbox a second time.
+            process_tree::kill_tree(pid);
+            if let Some(group) = &group {
+                group.remove();
+            }
+            return Err(CapabilityError::Failed(format!(
+                "cannot record the process in the host's ledger: {e}"
+            )));
         }
         debug!(plugin = %self.plugin, id, program, "process started");
         self.lock().insert(
@@ -350,18 +366,21 @@ impl ProcessTable {
         let limit = self.output_limit;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
+        // The streams are read by their own tasks: a grandchild holding the
+        // pipes must not delay the exit state (a stale "running" would let a
+        // signal reach a reused pid).
+        if let Some(stream) = stdout {
+            let output = Arc::clone(&output);
+            self.runtime
+                .spawn(async move { collect(stream, &output, limit, true).await });
+        }
+        if let Some(stream) = stderr {
+            let output = Arc::clone(&output);
+            self.runtime
+                .spawn(async move { collect(stream, &output, limit, false).await });
+        }
         self.runtime.spawn(async move {
-            let out = async {
-                if let Some(stream) = stdout {
-                    collect(stream, &output, limit, true).await;
-                }
-            };
-            let err = async {
-                if let Some(stream) = stderr {
-                    collect(stream, &output, limit, false).await;
-                }
-            };
-            let (status, (), ()) = tokio::join!(child.wait(), out, err);
+            let status = child.wait().await;
             let state = match status {
                 Ok(status) => {
                     use std::os::unix::process::ExitStatusExt;
@@ -457,7 +476,7 @@ impl ProcessTable {
                 // has exited (zombies have let go of their namespaces).
                 let until = Instant::now() + KILL_WAIT;
                 while members.iter().any(|m| is_running_task(*m)) && Instant::now() < until {
-                    std::thread::sleep(ADOPTED_POLL);
+                    std::thread::sleep(KILL_POLL);
                 }
             }
         } else {
@@ -547,8 +566,36 @@ fn check_args(args: &[String], env: &[(String, String)]) -> Result<(), Capabilit
                 "environment variable {name:?}: no empty name, '=' in a name, or NUL"
             )));
         }
+        if loader_variable(name) {
+            return Err(CapabilityError::NotGranted(format!(
+                "environment variable {name:?} changes how the program is loaded or linked \
+                 (it would run the plugin's code as the host's user)"
+            )));
+        }
     }
     Ok(())
+}
+
+/// Variables with which a caller chooses code that a program runs: glibc
+/// ignores them only for setuid programs, and ours start as root, so a
+/// plugin passing `LD_PRELOAD` with a file it wrote would run its own code
+/// as root. The list is glibc's set of unsecure variables, plus its tunables.
+fn loader_variable(name: &str) -> bool {
+    const PREFIXES: [&str; 2] = ["LD_", "MALLOC_"];
+    const NAMES: [&str; 11] = [
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "GLIBC_TUNABLES",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TZDIR",
+    ];
+    PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
 }
 
 fn parse_id(id: &str) -> Option<(i32, u64)> {
@@ -568,6 +615,13 @@ fn read_start_time(pid: i32) -> Option<u64> {
         return None;
     }
     fields.nth(22 - 4)?.parse().ok()
+}
+
+/// This boot's id (the kernel's random boot id).
+fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Whether `pid` exists and is not a zombie.
@@ -708,6 +762,30 @@ mod tests {
                 .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
             "{text}"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loader_variables_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let procs = table(dir.path(), &["/bin/sleep"]);
+        for name in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "GCONV_PATH",
+            "GLIBC_TUNABLES",
+            "MALLOC_CHECK_",
+        ] {
+            let options = SpawnOptions {
+                env: vec![(name.to_string(), "/state/evil.so".to_string())],
+                ..Default::default()
+            };
+            let refused = procs.spawn("/bin/sleep", &["1".into()], &options);
+            assert!(
+                matches!(refused, Err(CapabilityError::NotGranted(_))),
+                "{name}"
+            );
+        }
+        assert!(procs.list().is_empty());
     }
 
     #[test]

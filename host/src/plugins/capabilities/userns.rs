@@ -43,6 +43,21 @@ pub fn map_text(ranges: &[IdRange]) -> Result<String, CapabilityError> {
         }
         text.push_str(&format!("{} {} {}\n", r.inside, r.outside, r.count));
     }
+    // The kernel refuses overlapping ranges; refusing them here gives the
+    // plugin a clear error instead of a failed start.
+    for (i, a) in ranges.iter().enumerate() {
+        for b in &ranges[i + 1..] {
+            let overlap = |x: u32, y: u32| {
+                let (x, y) = (u64::from(x), u64::from(y));
+                x < y + u64::from(b.count) && y < x + u64::from(a.count)
+            };
+            if overlap(a.inside, b.inside) || overlap(a.outside, b.outside) {
+                return Err(CapabilityError::Invalid(format!(
+                    "id ranges {a:?} and {b:?} overlap"
+                )));
+            }
+        }
+    }
     Ok(text)
 }
 
@@ -111,7 +126,20 @@ impl MapWriter {
     }
 }
 
+/// Writes the maps and always answers the child: `1` to go on, `0` to give
+/// up. Never relying on the end of the pipe matters: a child forked
+/// meanwhile by a concurrent spawn holds a copy of this write end until it
+/// execs, and may itself be waiting on us.
 fn write_maps(ready_read: OwnedFd, go_write: OwnedFd, map: &str) -> Result<(), String> {
+    let mut go = fs::File::from(go_write);
+    let result = write_maps_for_child(ready_read, map);
+    let answer: &[u8] = if result.is_ok() { b"1" } else { b"0" };
+    // A child that already died does not read: EPIPE is fine.
+    let _ = go.write_all(answer);
+    result
+}
+
+fn write_maps_for_child(ready_read: OwnedFd, map: &str) -> Result<(), String> {
     let mut ready = fs::File::from(ready_read);
     let mut pid = [0u8; 4];
     ready
@@ -124,9 +152,7 @@ fn write_maps(ready_read: OwnedFd, go_write: OwnedFd, map: &str) -> Result<(), S
         fs::write(format!("/proc/{pid}/{file}"), map)
             .map_err(|e| format!("writing /proc/{pid}/{file}: {e}"))?;
     }
-    fs::File::from(go_write)
-        .write_all(b"1")
-        .map_err(|e| format!("releasing the child: {e}"))
+    Ok(())
 }
 
 /// In the child, between fork and exec: new user namespace, wait for the
@@ -145,7 +171,14 @@ pub fn enter_in_child(ends: ChildEnds) -> std::io::Result<()> {
             return Err(std::io::Error::last_os_error());
         }
         let mut go = [0u8; 1];
-        if libc::read(ends.go_read, go.as_mut_ptr().cast(), 1) != 1 {
+        let read = loop {
+            let n = libc::read(ends.go_read, go.as_mut_ptr().cast(), 1);
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            break n;
+        };
+        if read != 1 || go[0] != b'1' {
             return Err(std::io::Error::from_raw_os_error(libc::EPERM));
         }
         libc::close(ends.ready_write);
@@ -184,5 +217,32 @@ mod tests {
         }])
         .is_err());
         assert!(map_text(&[identity; 9]).is_err());
+        let low = IdRange {
+            inside: 0,
+            outside: 100_000,
+            count: 1000,
+        };
+        let high = IdRange {
+            inside: 1000,
+            outside: 200_000,
+            count: 1000,
+        };
+        assert!(map_text(&[low, high]).is_ok());
+        assert!(map_text(&[
+            low,
+            IdRange {
+                inside: 999,
+                ..high
+            }
+        ])
+        .is_err());
+        assert!(map_text(&[
+            low,
+            IdRange {
+                outside: 100_500,
+                ..high
+            }
+        ])
+        .is_err());
     }
 }

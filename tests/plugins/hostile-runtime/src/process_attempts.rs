@@ -21,6 +21,22 @@ pub fn run(report: &mut Report) {
         }
         report.escape(&format!("process.spawn:{label}"), spawned);
     }
+    // A granted program, but told to load the plugin's own code (a library it could have
+    // written into its state folder): the programs start as root.
+    for variable in [
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "GCONV_PATH",
+        "GLIBC_TUNABLES",
+    ] {
+        let options = SpawnOptions::default().env(variable, "/state/evil.so");
+        let spawned = process::spawn("/usr/bin/sleep", &["1000"], &options);
+        if let Ok(id) = &spawned {
+            let _ = process::kill(id, Signal::Kill, true);
+            let _ = process::release(id);
+        }
+        report.escape(&format!("process.spawn:env-{variable}"), spawned);
+    }
     for forged in ["1", "1-1", "../x"] {
         report.escape(&format!("process.state:{forged}"), process::state(forged));
         report.escape(

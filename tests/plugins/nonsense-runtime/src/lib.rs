@@ -7,6 +7,7 @@
 //! | `escape-root` | the sandbox's id, root subvolume `../../etc` |
 //! | `bad-id` | id `"../x y"`, a real root subvolume `sandboxes/<id>` (made by this call) |
 //! | `empty-id` | id `""`, a real root subvolume `sandboxes/<id>` (made by this call) |
+//! | `image-root` | the sandbox's id, root subvolume `images/ubuntu_22.04`: the machine's shared, read-only base image |
 //!
 //! The host must refuse each and remove what the call made. Every other call answers as if
 //! nothing exists.
@@ -30,9 +31,10 @@ impl Driver for NonsenseRuntime {
             "escape-root" => (id.clone(), "../../etc".to_string()),
             "bad-id" => ("../x y".to_string(), real_root()?),
             "empty-id" => (String::new(), real_root()?),
+            "image-root" => (id.clone(), "images/ubuntu_22.04".to_string()),
             other => {
                 return Err(DriverError::Failed(format!(
-                    "NONSENSE={other:?}: want missing-root, escape-root, bad-id or empty-id"
+                    "NONSENSE={other:?}: want missing-root, escape-root, bad-id, empty-id or image-root"
                 )))
             }
         };
