@@ -330,6 +330,20 @@ process = ["/usr/bin/sleep"]
     }
 
     ensure!(image.is_dir(), "the shared image is still there");
+
+    // Time the plugin spends waiting on the host is not its own: 3 s of
+    // process.wait in a plugin with a 2 s timeout is not a timeout.
+    let slow = host
+        .post(
+            "/vms",
+            Some(&key),
+            json!({"name": "s", "runtime": "nonsense-runtime", "env": {"NONSENSE": "slow-host"}}),
+        )
+        .await?;
+    ensure!(
+        slow.1.to_string().contains("waited 3 s on the host"),
+        "slow-host: {slow:?}"
+    );
     for plugin in ["trap-runtime", "loop-runtime", "nonsense-runtime"] {
         let left = leftovers(&host, plugin)?;
         ensure!(left.is_empty(), "{plugin} left subvolumes: {left:?}");

@@ -96,7 +96,30 @@ impl LoadedPlugin {
         store.limiter(|state| &mut state.limits);
         // +1: the tick in progress may be almost over.
         store.set_epoch_deadline(self.timeout_ticks + 1);
-        store.epoch_deadline_trap();
+        if self.identity.runtime.is_some() {
+            // A runtime's timeout bounds its own computing, not the host's
+            // work it asked for (a Btrfs commit under load, a process that
+            // takes a while to die): at the deadline, the time spent in
+            // capability calls is given back, until the plugin has used its
+            // own share.
+            let timeout = self.identity.timeout;
+            store.epoch_deadline_callback(move |store| {
+                let used = store
+                    .data()
+                    .runtime_call()
+                    .map_or(timeout, |call| call.plugin_time());
+                match timeout.checked_sub(used) {
+                    Some(left) if !left.is_zero() => {
+                        let tick = super::engine::EPOCH_TICK.as_millis().max(1);
+                        let ticks = u64::try_from(left.as_millis().div_ceil(tick)).unwrap_or(1);
+                        Ok(wasmtime::UpdateDeadline::Continue(ticks.max(1)))
+                    }
+                    _ => Err(wasmtime::Trap::Interrupt.into()),
+                }
+            });
+        } else {
+            store.epoch_deadline_trap();
+        }
         Ok(store)
     }
 

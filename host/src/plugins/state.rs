@@ -84,10 +84,17 @@ impl PluginState {
             runtime: identity.runtime.as_ref().map(|caps| RuntimeCallContext {
                 caps: Arc::clone(caps),
                 journal: CallJournal::default(),
-                deadline: Instant::now() + identity.timeout,
+                started: Instant::now(),
+                host_time: Duration::ZERO,
+                max_wait: identity.timeout,
             }),
             identity: identity.clone(),
         })
+    }
+
+    /// The runtime part of the call (None for policies and hooks).
+    pub fn runtime_call(&self) -> Option<&RuntimeCallContext> {
+        self.runtime.as_ref()
     }
 
     /// What this call made (runtime plugins), for undoing it.

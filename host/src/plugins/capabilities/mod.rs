@@ -54,8 +54,21 @@ pub struct CallJournal {
 pub struct RuntimeCallContext {
     pub caps: Arc<RuntimeCapabilities>,
     pub journal: CallJournal,
-    /// The call's own deadline: waits never run past it.
-    pub deadline: Instant,
+    /// When the call began.
+    pub started: Instant,
+    /// Time spent inside capability calls (Btrfs ioctls, spawns, waits):
+    /// it does not count against the plugin's timeout, which bounds the
+    /// plugin's own computing.
+    pub host_time: std::time::Duration,
+    /// The longest one `process.wait` may block: the plugin's timeout.
+    pub max_wait: std::time::Duration,
+}
+
+impl RuntimeCallContext {
+    /// The plugin's own time in this call so far (wall time less host time).
+    pub fn plugin_time(&self) -> std::time::Duration {
+        self.started.elapsed().saturating_sub(self.host_time)
+    }
 }
 
 impl RuntimeCapabilities {

@@ -29,10 +29,20 @@ impl From<CapabilityError> for runtime_types::CapabilityError {
 }
 
 impl PluginState {
-    fn runtime_call(&mut self) -> Result<&mut RuntimeCallContext, CapabilityError> {
-        self.runtime
+    /// Runs one capability call, adding its duration to the call's host
+    /// time (which the plugin's timeout does not count).
+    fn with_call<T>(
+        &mut self,
+        f: impl FnOnce(&mut RuntimeCallContext) -> Result<T, CapabilityError>,
+    ) -> WitResult<T> {
+        let call = self
+            .runtime
             .as_mut()
-            .ok_or_else(|| CapabilityError::NotGranted("only runtime plugins".to_string()))
+            .ok_or_else(|| CapabilityError::NotGranted("only runtime plugins".to_string()))?;
+        let started = Instant::now();
+        let result = f(call);
+        call.host_time += started.elapsed();
+        Ok(result?)
     }
 }
 
@@ -40,35 +50,38 @@ impl runtime_types::Host for PluginState {}
 
 impl wit_btrfs::Host for PluginState {
     fn host_path(&mut self, name: String) -> WitResult<String> {
-        let call = self.runtime_call()?;
-        let path = call.caps.btrfs()?.host_path(&name)?;
-        Ok(path.to_string_lossy().into_owned())
+        self.with_call(|call| {
+            let path = call.caps.btrfs()?.host_path(&name)?;
+            Ok(path.to_string_lossy().into_owned())
+        })
     }
 
     fn exists(&mut self, name: String) -> WitResult<bool> {
-        Ok(self.runtime_call()?.caps.btrfs()?.exists(&name)?)
+        self.with_call(|call| call.caps.btrfs()?.exists(&name))
     }
 
     fn create_subvolume(&mut self, name: String) -> WitResult<()> {
-        let call = self.runtime_call()?;
-        call.caps.btrfs()?.create(&name)?;
-        call.journal.subvolumes.push(name);
-        Ok(())
+        self.with_call(|call| {
+            call.caps.btrfs()?.create(&name)?;
+            call.journal.subvolumes.push(name);
+            Ok(())
+        })
     }
 
     fn snapshot(&mut self, source: String, target: String, read_only: bool) -> WitResult<()> {
-        let call = self.runtime_call()?;
-        call.caps.btrfs()?.snapshot(&source, &target, read_only)?;
-        call.journal.subvolumes.push(target);
-        Ok(())
+        self.with_call(|call| {
+            call.caps.btrfs()?.snapshot(&source, &target, read_only)?;
+            call.journal.subvolumes.push(target);
+            Ok(())
+        })
     }
 
     fn delete_subvolume(&mut self, name: String) -> WitResult<()> {
-        Ok(self.runtime_call()?.caps.btrfs()?.delete(&name)?)
+        self.with_call(|call| call.caps.btrfs()?.delete(&name))
     }
 
     fn list_subvolumes(&mut self) -> WitResult<Vec<String>> {
-        Ok(self.runtime_call()?.caps.btrfs()?.list()?)
+        self.with_call(|call| call.caps.btrfs()?.list())
     }
 }
 
@@ -87,7 +100,6 @@ impl wit_process::Host for PluginState {
         args: Vec<String>,
         options: wit_process::SpawnOptions,
     ) -> WitResult<String> {
-        let call = self.runtime_call()?;
         let options = SpawnOptions {
             env: options.env,
             capture_output: options.capture_output,
@@ -108,22 +120,23 @@ impl wit_process::Host for PluginState {
                     .collect()
             }),
         };
-        let id = call.caps.processes()?.spawn(&program, &args, &options)?;
-        call.journal.processes.push(id.clone());
-        Ok(id)
+        self.with_call(|call| {
+            let id = call.caps.processes()?.spawn(&program, &args, &options)?;
+            call.journal.processes.push(id.clone());
+            Ok(id)
+        })
     }
 
     fn state(&mut self, id: String) -> WitResult<wit_process::ProcessState> {
-        let state = self.runtime_call()?.caps.processes()?.state(&id)?;
-        Ok(wit_state(state))
+        self.with_call(|call| Ok(wit_state(call.caps.processes()?.state(&id)?)))
     }
 
     fn wait(&mut self, id: String, timeout_ms: u32) -> WitResult<wit_process::ProcessState> {
-        let call = self.runtime_call()?;
-        let until =
-            (Instant::now() + Duration::from_millis(u64::from(timeout_ms))).min(call.deadline);
-        let state = call.caps.processes()?.wait(&id, until)?;
-        Ok(wit_state(state))
+        self.with_call(|call| {
+            let wait = Duration::from_millis(u64::from(timeout_ms)).min(call.max_wait);
+            let state = call.caps.processes()?.wait(&id, Instant::now() + wait)?;
+            Ok(wit_state(state))
+        })
     }
 
     fn kill(&mut self, id: String, signal: wit_process::Signal, whole_tree: bool) -> WitResult<()> {
@@ -133,30 +146,26 @@ impl wit_process::Host for PluginState {
             wit_process::Signal::Interrupt => Signal::Interrupt,
             wit_process::Signal::Hangup => Signal::Hangup,
         };
-        Ok(self
-            .runtime_call()?
-            .caps
-            .processes()?
-            .kill(&id, signal, whole_tree)?)
+        self.with_call(|call| call.caps.processes()?.kill(&id, signal, whole_tree))
     }
 
     fn output(&mut self, id: String) -> WitResult<wit_process::CapturedOutput> {
-        let captured = self.runtime_call()?.caps.processes()?.output(&id)?;
-        Ok(wit_process::CapturedOutput {
-            stdout: captured.stdout,
-            stderr: captured.stderr,
-            truncated: captured.truncated,
+        self.with_call(|call| {
+            let captured = call.caps.processes()?.output(&id)?;
+            Ok(wit_process::CapturedOutput {
+                stdout: captured.stdout,
+                stderr: captured.stderr,
+                truncated: captured.truncated,
+            })
         })
     }
 
     fn release(&mut self, id: String) -> WitResult<()> {
-        Ok(self.runtime_call()?.caps.processes()?.release(&id)?)
+        self.with_call(|call| call.caps.processes()?.release(&id))
     }
 
     fn list_processes(&mut self) -> Vec<String> {
-        match self.runtime_call() {
-            Ok(call) => call.caps.processes().map(|p| p.list()).unwrap_or_default(),
-            Err(_) => Vec::new(),
-        }
+        self.with_call(|call| Ok(call.caps.processes()?.list()))
+            .unwrap_or_default()
     }
 }
