@@ -414,3 +414,73 @@ process = ["/usr/bin/sleep"]
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespaces_limits_hold_through_cgroups() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let text = namespaces_plugin_entry()
+        + "[plugin.config]\nmemory_limit_mib = 64\nmax_processes = 50\nlimits_best_effort = false\n";
+    let path = dir.path().join("plugins.toml");
+    std::fs::write(&path, text)?;
+    let host = Host::start_with_env(&[
+        ("PLUGINS_CONFIG", &path.display().to_string()),
+        ("SANDBOX_RUNTIME", "namespaces"),
+    ])
+    .await?;
+    let key = host.create_key().await?;
+    host.create_vm(&key, json!({"name": "small"})).await?;
+    // On the host, the sandbox is a group of its own with the limit (inside, a
+    // cgroup namespace shows it as the root).
+    let limited = ["memory/opensandbox/namespaces", "opensandbox/namespaces"]
+        .iter()
+        .flat_map(|dir| {
+            std::fs::read_dir(format!("/sys/fs/cgroup/{dir}"))
+                .into_iter()
+                .flatten()
+        })
+        .flatten()
+        .any(|group| {
+            let limit = ["memory.limit_in_bytes", "memory.max"]
+                .iter()
+                .find_map(|f| std::fs::read_to_string(group.path().join(f)).ok())
+                .unwrap_or_default();
+            let procs =
+                std::fs::read_to_string(group.path().join("cgroup.procs")).unwrap_or_default();
+            limit.trim() == (64u64 << 20).to_string() && !procs.trim().is_empty()
+        });
+    ensure!(
+        limited,
+        "no populated 64 MiB group under opensandbox/namespaces"
+    );
+    // 200 MiB touched in a 64 MiB sandbox: the kernel stops it.
+    let hog = host
+        .run(
+            &key,
+            "small",
+            "python3 -c 'b = bytearray(200 * 1024 * 1024); print(len(b))'",
+        )
+        .await?;
+    ensure!(
+        hog.exit_code != Some(0) && !hog.stdout.contains("209715200"),
+        "200 MiB fit in a 64 MiB sandbox: {}",
+        hog.brief()
+    );
+    // More than 50 processes at once: fork fails.
+    let forks = host
+        .run(
+            &key,
+            "small",
+            "for i in $(seq 80); do sleep 5 & done 2>/dev/null; jobs -p | wc -l",
+        )
+        .await?;
+    let started: u32 = forks.stdout.trim().parse().unwrap_or(0);
+    ensure!(
+        started < 80,
+        "80 processes started under max_processes = 50: {}",
+        forks.brief()
+    );
+    // The sandbox still works afterwards.
+    ensure!(host.run_ok(&key, "small", "echo alive").await? == "alive\n");
+    host.delete(&key, "small").await?;
+    Ok(())
+}
