@@ -18,6 +18,14 @@ use super::PluginError;
 /// One epoch tick; plugin timeouts are counted in these.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
+/// How many whole epoch ticks cover `time` (rounded up, at least one).
+pub fn ticks(time: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_millis().max(1);
+    u64::try_from(time.as_millis().div_ceil(tick))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
 pub struct PluginEngine {
     pub engine: Engine,
     cache_dir: PathBuf,

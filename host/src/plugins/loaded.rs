@@ -3,10 +3,11 @@
 //! memory cap and an epoch deadline, so a plugin that loops, traps or grows
 //! without bound costs that one call and nothing else.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::Store;
-
-use std::sync::Arc;
 
 use super::bindings::{hook, policy, runtime, types};
 use super::capabilities::{CallJournal, RuntimeCapabilities};
@@ -76,11 +77,7 @@ impl LoadedPlugin {
             name: spec.name.clone(),
             failure: spec.failure,
             identity: PluginIdentity::new(spec, capabilities),
-            timeout_ticks: spec.timeout_ms.div_ceil(
-                u64::try_from(super::engine::EPOCH_TICK.as_millis())
-                    .unwrap_or(1)
-                    .max(1),
-            ),
+            timeout_ticks: super::engine::ticks(Duration::from_millis(spec.timeout_ms)),
             pre,
         })
     }
@@ -109,11 +106,9 @@ impl LoadedPlugin {
                     .runtime_call()
                     .map_or(timeout, |call| call.plugin_time());
                 match timeout.checked_sub(used) {
-                    Some(left) if !left.is_zero() => {
-                        let tick = super::engine::EPOCH_TICK.as_millis().max(1);
-                        let ticks = u64::try_from(left.as_millis().div_ceil(tick)).unwrap_or(1);
-                        Ok(wasmtime::UpdateDeadline::Continue(ticks.max(1)))
-                    }
+                    Some(left) if !left.is_zero() => Ok(wasmtime::UpdateDeadline::Continue(
+                        super::engine::ticks(left),
+                    )),
                     _ => Err(wasmtime::Trap::Interrupt.into()),
                 }
             });

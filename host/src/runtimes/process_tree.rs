@@ -8,25 +8,22 @@ use std::fs;
 
 /// Sends SIGKILL to `root` and every descendant; returns how many were signalled.
 pub fn kill_tree(root: i32) -> usize {
-    signal_tree(root, libc::SIGKILL)
+    signal_tree(root, libc::SIGKILL).len()
 }
 
 /// Sends `signal` to `root` and every descendant, parents first (so a
 /// stopped parent cannot start new children after its own were signalled);
-/// returns how many were signalled.
-pub fn signal_tree(root: i32, signal: i32) -> usize {
-    let mut signalled = 0;
-    for pid in tree(root) {
+/// returns the pids that were signalled.
+pub fn signal_tree(root: i32, signal: i32) -> Vec<i32> {
+    tree(root)
+        .into_iter()
         // SAFETY: kill(2) with a plain pid and signal has no memory effects.
-        if unsafe { libc::kill(pid, signal) } == 0 {
-            signalled += 1;
-        }
-    }
-    signalled
+        .filter(|pid| unsafe { libc::kill(*pid, signal) } == 0)
+        .collect()
 }
 
 /// `root` and every descendant, parents first.
-pub fn tree(root: i32) -> Vec<i32> {
+fn tree(root: i32) -> Vec<i32> {
     let children = children_by_parent();
     let mut members = Vec::new();
     let mut queue = VecDeque::from([root]);

@@ -465,11 +465,7 @@ impl ProcessTable {
             return Ok(());
         }
         if whole_tree {
-            let members = process_tree::tree(pid);
-            for member in &members {
-                // SAFETY: kill(2) with a plain pid and signal number.
-                unsafe { libc::kill(*member, signal.number()) };
-            }
+            let members = process_tree::signal_tree(pid, signal.number());
             if matches!(signal, Signal::Kill) {
                 // Killed means gone: the caller may delete the filesystem the
                 // tree had mounted, which the kernel holds until each member

@@ -171,6 +171,30 @@ impl Row {
     }
 }
 
+/// Prints rows as the markdown table of latencies.
+fn print_rows(rows: &[Row]) {
+    println!("| operation | p50 ms | p95 ms | runs | target (p50) | met? |");
+    println!("|---|---:|---:|---:|---:|:---:|");
+    for r in rows {
+        let (target, met) = match r.target_ms {
+            Some(t) => (
+                format!("<= {t:.0}"),
+                if r.p50() <= t { "yes" } else { "no" }.to_string(),
+            ),
+            None => ("—".to_string(), "—".to_string()),
+        };
+        println!(
+            "| {} | {:.1} | {:.1} | {} | {} | {} |",
+            r.op,
+            r.p50(),
+            r.p95(),
+            r.samples.len(),
+            target,
+            met
+        );
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -652,26 +676,7 @@ async fn bench(args: Args) -> Result<()> {
     drop(host);
     let (rows, run_p50, exec_p50) = measured?;
 
-    println!("| operation | p50 ms | p95 ms | runs | target (p50) | met? |");
-    println!("|---|---:|---:|---:|---:|:---:|");
-    for r in &rows {
-        let (target, met) = match r.target_ms {
-            Some(t) => (
-                format!("<= {t:.0}"),
-                if r.p50() <= t { "yes" } else { "no" }.to_string(),
-            ),
-            None => ("—".to_string(), "—".to_string()),
-        };
-        println!(
-            "| {} | {:.1} | {:.1} | {} | {} | {} |",
-            r.op,
-            r.p50(),
-            r.p95(),
-            r.samples.len(),
-            target,
-            met
-        );
-    }
+    print_rows(&rows);
     println!();
     if !rates.is_empty() {
         println!("| throughput (1 GiB) | median MiB/s | runs | target | met? |");

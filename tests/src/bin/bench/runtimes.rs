@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use opensandbox_e2e::{json, namespaces_plugin_entry, Host, HostOptions};
 
-use super::{ms, progress, Row};
+use super::{ms, print_rows, progress, Row};
 
 /// Rows per runtime, in the table's order.
 async fn measure_runtime(host: &Host, key: &str, runtime: &str, n: usize) -> Result<Vec<Row>> {
@@ -183,26 +183,7 @@ pub async fn bench(bin: std::path::PathBuf, n: usize, idle: usize) -> Result<()>
     }
     drop(host);
     let (rows, idle_result) = measured?;
-    println!("| operation | p50 ms | p95 ms | runs | target (p50) | met? |");
-    println!("|---|---:|---:|---:|---:|:---:|");
-    for r in &rows {
-        let (target, met) = match r.target_ms {
-            Some(t) => (
-                format!("<= {t:.0}"),
-                if r.p50() <= t { "yes" } else { "no" }.to_string(),
-            ),
-            None => ("—".into(), "—".into()),
-        };
-        println!(
-            "| {} | {:.1} | {:.1} | {} | {} | {} |",
-            r.op,
-            r.p50(),
-            r.p95(),
-            r.samples.len(),
-            target,
-            met
-        );
-    }
+    print_rows(&rows);
     if let Some((per, before, fit, secs)) = idle_result {
         println!();
         println!(
