@@ -11,7 +11,8 @@ eval "$(./scripts/setup.sh)"
 ./scripts/build-rootfs.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo build -p opensandbox
+# Everything the tests need, built once with the features the whole workspace unifies on.
+cargo build --workspace --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --all-targets -- --test-threads "${TEST_THREADS:-2}" 2>&1 | tee "$log"
