@@ -85,7 +85,7 @@ if ! docker image inspect "$DOCKER_IMAGE" >/dev/null 2>&1; then
 fi
 # moto 5.0.x: from 5.1 on, moto answers CompleteMultipartUpload with a
 # <CompleteMultipartUploadResponse> root that aws-sdk-s3 refuses. (s3s-fs, the
-# Rust alternative, needs rustc 1.96 from 0.16 on.) MOTO_SERVER overrides.
+# Rust alternative, is installed by scripts/install-s3s-fs.sh.) MOTO_SERVER overrides.
 MOTO_VERSION=5.0.28
 MOTO_VENV=/var/cache/opensandbox/moto-$MOTO_VERSION
 if [ -z "${MOTO_SERVER:-}" ]; then

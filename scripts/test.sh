@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(./scripts/setup.sh)"
+eval "$(./scripts/install-s3s-fs.sh)"
 ./scripts/build-plugins.sh
 ./scripts/build-agent.sh
 # Base root filesystems of the namespaces runtime plugin (from the Docker images).
@@ -25,6 +26,9 @@ done
 OPENSANDBOX_TEST_RUNTIME=namespaces cargo test -p opensandbox-e2e \
     --test seed --test snapshots --test run --test auth --test bad_input \
     --test processes --test files -- --test-threads "${TEST_THREADS:-2}" 2>&1 | tee -a "$log"
+# The transfer suite again against s3s-fs, the S3 server that checks signatures.
+OPENSANDBOX_TEST_S3=s3s-fs cargo test -p opensandbox-e2e --test transfer \
+    -- --test-threads "${TEST_THREADS:-2}" 2>&1 | tee -a "$log"
 # One closing line over every test binary (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "summary: %d passed, %d failed\n", p, f }' "$log"

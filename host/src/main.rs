@@ -109,7 +109,6 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         offered.push(Arc::new(runtime));
     }
     let runtimes = Runtimes::new(&config.sandbox_runtime, offered).map_err(anyhow::Error::msg)?;
-    let runtime_name = runtimes.default_runtime().name().to_string();
     let limits = RunLimits {
         default_timeout: config.default_timeout(),
         max_timeout: config.max_timeout(),
@@ -142,12 +141,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let transfers = Arc::new(Transfers::new(
-        store.clone(),
-        Arc::clone(&sandboxes),
-        s3,
-        &runtime_name,
-    ));
+    let transfers = Arc::new(Transfers::new(store.clone(), Arc::clone(&sandboxes), s3));
     transfers
         .recover()
         .await

@@ -662,23 +662,6 @@ fn tail_of_file(path: &Path, lines: usize) -> String {
     }
 }
 
-/// An `Authorization` header of the right shape; moto does not check the signature.
-const S3_DUMMY_AUTH: &str = "AWS4-HMAC-SHA256 Credential=e2e/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0000";
-
-fn s3_client() -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        reqwest::header::HeaderValue::from_static(S3_DUMMY_AUTH),
-    );
-    reqwest::Client::builder()
-        .no_proxy()
-        .default_headers(headers)
-        .timeout(Duration::from_secs(600))
-        .build()
-        .expect("building reqwest client")
-}
-
 fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
@@ -1366,26 +1349,78 @@ pub fn obj(pairs: &[(&str, &str)]) -> Value {
 // S3-compatible server
 // ---------------------------------------------------------------------------
 
-/// A throwaway S3-compatible server on 127.0.0.1 (moto's `moto_server`, installed by
-/// `scripts/setup.sh`; `MOTO_SERVER` names another binary) with one bucket. It keeps
-/// objects in memory and accepts any credentials without checking signatures (the
-/// harness's own requests carry a dummy `Authorization` so that they are not anonymous).
-/// Killed on drop.
+/// Which S3-compatible server [`S3Server::start`] runs: `OPENSANDBOX_TEST_S3` = `moto`
+/// (the default) or `s3s-fs`. `scripts/test.sh` runs the transfer suite against both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum S3Kind {
+    /// moto's `moto_server` (Python, objects in memory; `MOTO_SERVER`): the fullest API
+    /// (ListMultipartUploads among it), but it accepts any signature.
+    Moto,
+    /// `s3s-fs` (Rust, objects in files under a temporary folder; `S3S_FS`): checks every
+    /// request's SigV4 signature against the one access key it is given, and is fast enough
+    /// that the benchmark measures us rather than the server.
+    S3sFs,
+}
+
+impl S3Kind {
+    /// The kind `OPENSANDBOX_TEST_S3` names (default moto).
+    pub fn from_env() -> Result<Self> {
+        match env_or("OPENSANDBOX_TEST_S3", "moto").as_str() {
+            "moto" => Ok(S3Kind::Moto),
+            "s3s-fs" => Ok(S3Kind::S3sFs),
+            other => bail!("OPENSANDBOX_TEST_S3={other:?}: expected moto or s3s-fs"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            S3Kind::Moto => "moto_server",
+            S3Kind::S3sFs => "s3s-fs",
+        }
+    }
+}
+
+const S3_ACCESS_KEY: &str = "e2e";
+const S3_SECRET_KEY: &str = "e2e-secret";
+
+/// A throwaway S3-compatible server on 127.0.0.1 with one bucket, installed by
+/// `scripts/setup.sh`, killed (and its files removed) on drop. The harness talks to it
+/// through aws-sdk-s3 with the same credentials as the host, so its requests are signed.
 pub struct S3Server {
+    kind: S3Kind,
     child: Child,
     port: u16,
     bucket: String,
-    client: reqwest::Client,
+    client: aws_sdk_s3::Client,
+    /// s3s-fs's object folder.
+    root: Option<tempfile::TempDir>,
 }
 
 impl S3Server {
-    /// Starts the server and creates the bucket.
+    /// Starts the server `OPENSANDBOX_TEST_S3` names and creates the bucket.
     pub async fn start() -> Result<Self> {
-        let bin = env_or("MOTO_SERVER", "moto_server");
+        Self::start_kind(S3Kind::from_env()?).await
+    }
+
+    /// Starts a server of `kind` and creates the bucket.
+    pub async fn start_kind(kind: S3Kind) -> Result<Self> {
         let port = free_port()?;
+        let (bin, root) = match kind {
+            S3Kind::Moto => (env_or("MOTO_SERVER", "moto_server"), None),
+            S3Kind::S3sFs => (
+                env_or("S3S_FS", "s3s-fs"),
+                Some(tempfile::Builder::new().prefix("e2e-s3s-fs-").tempdir()?),
+            ),
+        };
         let mut cmd = Command::new(&bin);
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
+        match &root {
+            None => cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]),
+            Some(root) => cmd
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+                .arg(root.path()),
+        };
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
@@ -1398,29 +1433,85 @@ impl S3Server {
         let child = cmd
             .spawn()
             .with_context(|| format!("spawning {bin} (scripts/setup.sh installs it)"))?;
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let config = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                S3_ACCESS_KEY,
+                S3_SECRET_KEY,
+                None,
+                None,
+                "e2e",
+            ))
+            .endpoint_url(&endpoint)
+            .force_path_style(true)
+            .build();
         let server = S3Server {
+            kind,
             child,
             port,
             bucket: format!("e2e-{}", uuid::Uuid::new_v4().simple()),
-            client: s3_client(),
+            client: aws_sdk_s3::Client::from_conf(config),
+            root,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = server.client.get(server.endpoint()).send().await {
-                if r.status().is_success() {
-                    break;
-                }
-            }
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() >= deadline {
-                bail!("{bin} did not answer on port {port} within 30 s");
+                bail!("{bin} did not listen on port {port} within 30 s");
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let r = server.client.put(server.bucket_url("")).send().await?;
-        if !r.status().is_success() {
-            bail!("creating bucket {}: {}", server.bucket, r.status());
+        // moto's listener can come up before its application answers: retry briefly.
+        let mut tries = 0;
+        loop {
+            match server
+                .client
+                .create_bucket()
+                .bucket(&server.bucket)
+                .send()
+                .await
+            {
+                Ok(_) => break,
+                Err(_) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => bail!("creating bucket {}: {}", server.bucket, sdk_error(&e)),
+            }
         }
         Ok(server)
+    }
+
+    pub fn kind(&self) -> S3Kind {
+        self.kind
+    }
+
+    /// The server's process id (the benchmark reads its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the server's process (SIGSTOP): requests to it hang until [`Self::resume`],
+    /// which holds a transfer at a known point without timing.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&self, signal: libc::c_int) -> Result<()> {
+        // SAFETY: kill(2) on the pid of our own child, which we have not reaped.
+        if unsafe { libc::kill(self.child.id() as libc::pid_t, signal) } != 0 {
+            bail!(
+                "signalling the S3 server: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
     }
 
     pub fn endpoint(&self) -> String {
@@ -1431,10 +1522,6 @@ impl S3Server {
         &self.bucket
     }
 
-    fn bucket_url(&self, key: &str) -> String {
-        format!("{}/{}/{}", self.endpoint(), self.bucket, key)
-    }
-
     /// Environment for a host that exports to this server under `prefix`.
     pub fn host_env(&self, prefix: &str) -> Vec<(String, String)> {
         [
@@ -1442,8 +1529,8 @@ impl S3Server {
             ("S3_ENDPOINT", &self.endpoint()),
             ("S3_PREFIX", prefix),
             ("S3_REGION", "us-east-1"),
-            ("AWS_ACCESS_KEY_ID", "e2e"),
-            ("AWS_SECRET_ACCESS_KEY", "e2e-secret"),
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1452,64 +1539,100 @@ impl S3Server {
 
     /// Keys of the visible objects under `prefix`.
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
-        let url = format!(
-            "{}/{}?list-type=2&prefix={}",
-            self.endpoint(),
-            self.bucket,
-            enc(prefix)
-        );
-        let text = self.client.get(url).send().await?.text().await?;
-        Ok(xml_values(&text, "Key"))
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        let mut keys = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| anyhow!("listing {prefix}: {}", sdk_error(&e)))?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
+        }
+        Ok(keys)
     }
 
-    /// Ids of the multipart uploads in progress.
+    /// Ids of the multipart uploads in progress. s3s-fs does not implement
+    /// ListMultipartUploads: there they are its `.upload-<id>.json` files.
     pub async fn uploads(&self) -> Result<Vec<String>> {
-        let url = format!("{}/{}?uploads", self.endpoint(), self.bucket);
-        let text = self.client.get(url).send().await?.text().await?;
-        Ok(xml_values(&text, "UploadId"))
+        if let Some(root) = &self.root {
+            let mut ids = Vec::new();
+            for entry in std::fs::read_dir(root.path())? {
+                let name = entry?.file_name().to_string_lossy().into_owned();
+                if let Some(id) = name
+                    .strip_prefix(".upload-")
+                    .and_then(|rest| rest.strip_suffix(".json"))
+                {
+                    ids.push(id.to_string());
+                }
+            }
+            return Ok(ids);
+        }
+        let out = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| anyhow!("listing uploads: {}", sdk_error(&e)))?;
+        Ok(out
+            .uploads()
+            .iter()
+            .filter_map(|u| u.upload_id().map(str::to_string))
+            .collect())
     }
 
     pub async fn get(&self, key: &str) -> Result<Vec<u8>> {
-        let r = self.client.get(self.bucket_url(key)).send().await?;
-        if !r.status().is_success() {
-            bail!("GET {key}: {}", r.status());
-        }
-        Ok(r.bytes().await?.to_vec())
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| anyhow!("GET {key}: {}", sdk_error(&e)))?;
+        Ok(out.body.collect().await?.into_bytes().to_vec())
     }
 
     pub async fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
-        let r = self
-            .client
-            .put(self.bucket_url(key))
-            .body(data)
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(data.into())
             .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("PUT {key}: {}", r.status());
-        }
+            .await
+            .map_err(|e| anyhow!("PUT {key}: {}", sdk_error(&e)))?;
         Ok(())
     }
 }
 
 impl Drop for S3Server {
     fn drop(&mut self) {
+        let _ = self.resume();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// The text of every `<tag>...</tag>` in an XML document (no nesting, no escapes
-/// beyond what S3 keys of ours use).
-fn xml_values(xml: &str, tag: &str) -> Vec<String> {
-    let open = format!("<{tag}>");
-    let close = format!("</{tag}>");
-    let mut out = Vec::new();
-    let mut rest = xml;
-    while let Some(start) = rest.find(&open) {
-        rest = &rest[start + open.len()..];
-        let Some(end) = rest.find(&close) else { break };
-        out.push(rest[..end].to_string());
-        rest = &rest[end + close.len()..];
+/// An SDK error with its service code and message (its `Display` says only "service error").
+fn sdk_error<E, R>(e: &aws_sdk_s3::error::SdkError<E, R>) -> String
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::fmt::Debug,
+    R: std::fmt::Debug,
+{
+    match e.as_service_error() {
+        Some(service) => format!(
+            "{} {}",
+            service.code().unwrap_or("(no code)"),
+            service.message().unwrap_or("")
+        ),
+        None => format!("{e:?}"),
     }
-    out
 }

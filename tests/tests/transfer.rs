@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use opensandbox_e2e::{
-    assert_error, assert_status, btrfs_path, json, Host, HostOptions, S3Server, Value,
+    assert_error, assert_status, btrfs_path, json, plugin_wasm, Host, HostOptions, S3Kind,
+    S3Server, Value,
 };
 
 const PREFIX: &str = "e2e/";
@@ -353,7 +354,10 @@ async fn export_interrupted_by_a_killed_host_leaves_no_object() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Held where it is (the server stopped), so it cannot finish before the kill.
+    s3.pause()?;
     host.kill()?;
+    s3.resume()?;
     assert_eq!(s3.keys(PREFIX).await?, Vec::<String>::new());
     assert_eq!(s3.uploads().await?.len(), 1, "one upload in progress");
 
@@ -371,5 +375,132 @@ async fn export_interrupted_by_a_killed_host_leaves_no_object() -> Result<()> {
     // The next export works.
     export_ok(&host, &key, "a", "initial").await?;
     assert_eq!(s3.keys(PREFIX).await?.len(), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_export_pins_its_snapshots_without_blocking_the_sandbox() -> Result<()> {
+    let s3 = S3Server::start().await?;
+    let host = s3_host(&s3).await?;
+    let key = host.admin_key().await?;
+    host.create_vm_named(&key, "a").await?;
+    host.run_ok(&key, "a", "mkdir -p /data && echo one > /data/f")
+        .await?;
+    host.snapshot(&key, "a", "s1").await?;
+    export_ok(&host, &key, "a", "s1").await?;
+    host.run_ok(&key, "a", "echo two > /data/f").await?;
+    host.snapshot(&key, "a", "s2").await?;
+    host.snapshot(&key, "a", "spare").await?;
+
+    // A stopped server holds the export (incremental: s2 with base s1) in its first request.
+    s3.pause()?;
+    let job = export(&host, &key, "a", "s2").await?;
+    let id = job["id"].as_str().context("id")?.to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = host.get(&format!("/jobs/{id}"), Some(&key)).await?;
+        if body["state"] == "running" {
+            break;
+        }
+        assert_eq!(body["state"], "queued", "{body}");
+        if Instant::now() > deadline {
+            bail!("the export did not start: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The job pins its snapshots right after it turns running; give it ample time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The sandbox is not blocked by the export: it runs, snapshots and restores at once.
+    let lifecycle = async {
+        host.run_ok(&key, "a", "echo three > /data/f").await?;
+        host.snapshot(&key, "a", "s3").await?;
+        host.restore(&key, "a", "spare").await?;
+        host.delete_snapshot(&key, "a", "spare").await?;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(60), lifecycle)
+        .await
+        .context("the sandbox's lifecycle waited for the export")??;
+    // Neither snapshot it reads, nor the sandbox, can go while it runs.
+    for path in ["/vms/a/snapshots/s2", "/vms/a/snapshots/s1", "/vms/a"] {
+        let resp = host.delete_req(path, Some(&key)).await?;
+        assert_error(&resp, 409, "snapshot_busy");
+    }
+    let (_, body) = host.get(&format!("/jobs/{id}"), Some(&key)).await?;
+    assert_eq!(
+        body["state"], "running",
+        "still held by the stopped server: {body}"
+    );
+
+    s3.resume()?;
+    let done = wait_job(&host, &key, &job).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    host.delete_snapshot(&key, "a", "s1").await?;
+    host.delete(&key, "a").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn imports_pass_the_policy_chain_as_creates_do() -> Result<()> {
+    let s3 = S3Server::start().await?;
+    let dir = tempfile::tempdir()?;
+    let plugins = dir.path().join("plugins.toml");
+    std::fs::write(
+        &plugins,
+        format!(
+            "[[plugin]]\nname = \"policy\"\nkind = \"policy\"\nfile = \"{}\"\n\
+             [plugin.config]\n\"cap.docker\" = 1\n",
+            plugin_wasm("default-policy").display()
+        ),
+    )?;
+    let mut env = s3.host_env(PREFIX);
+    env.push(("PLUGINS_CONFIG".into(), plugins.display().to_string()));
+    let host = Host::start_with(HostOptions { bin: None, env }).await?;
+    let key = host.admin_key().await?;
+    host.create_vm_named(&key, "a").await?;
+    let done = export_ok(&host, &key, "a", "initial").await?;
+    let object_key = done["object_key"].as_str().context("object_key")?;
+
+    // The policy's cap (one Docker sandbox) holds for an import as for a create.
+    let job = import(&host, &key, object_key, "b").await?;
+    let failed = wait_job(&host, &key, &job).await?;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "rejected_by_policy", "{failed}");
+    assert_eq!(
+        host.list_vms(&key).await?.len(),
+        1,
+        "nothing left by the refusal"
+    );
+    assert_eq!(staging_entries(&host)?, 0);
+
+    host.delete(&key, "a").await?;
+    import_ok(&host, &key, object_key, "b").await?;
+    assert_eq!(host.get_vm(&key, "b").await?["runtime"], "docker");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_secret_fails_the_export_where_signatures_are_checked() -> Result<()> {
+    let s3 = S3Server::start().await?;
+    if s3.kind() != S3Kind::S3sFs {
+        eprintln!("skipped: {} accepts any signature", s3.kind().name());
+        return Ok(());
+    }
+    let mut env = s3.host_env(PREFIX);
+    for (name, value) in env.iter_mut() {
+        if name == "AWS_SECRET_ACCESS_KEY" {
+            *value = "not-the-secret".into();
+        }
+    }
+    let host = Host::start_with(HostOptions { bin: None, env }).await?;
+    let key = host.admin_key().await?;
+    host.create_vm_named(&key, "a").await?;
+    let job = export(&host, &key, "a", "initial").await?;
+    let failed = wait_job(&host, &key, &job).await?;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "s3_error", "{failed}");
+    assert_eq!(s3.keys(PREFIX).await?, Vec::<String>::new());
+    assert_eq!(s3.uploads().await?, Vec::<String>::new());
     Ok(())
 }

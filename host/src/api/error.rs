@@ -84,6 +84,7 @@ impl From<SandboxError> for ApiError {
             E::SnapshotNotFound(_) => (StatusCode::NOT_FOUND, "snapshot_not_found"),
             E::VmExists(_) => (StatusCode::CONFLICT, "vm_exists"),
             E::SnapshotExists(_) => (StatusCode::CONFLICT, "snapshot_exists"),
+            E::SnapshotBusy(_) => (StatusCode::CONFLICT, "snapshot_busy"),
             E::NotRunning { .. } => (StatusCode::CONFLICT, "vm_not_running"),
             E::CommandNotStarted(_) => (StatusCode::BAD_REQUEST, "command_not_started"),
             E::RejectedByPolicy { .. } => (StatusCode::FORBIDDEN, "rejected_by_policy"),

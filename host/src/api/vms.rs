@@ -318,7 +318,9 @@ pub async fn get(
 
 /// Deletes a sandbox with its container, root filesystem and snapshots.
 #[utoipa::path(delete, path = "/vms/{name}", params(("name" = String, Path)), responses(
-    (status = 204), (status = 404, body = ErrorBody)), security(("api_key" = [])))]
+    (status = 204), (status = 404, body = ErrorBody),
+    (status = 409, description = "snapshot_busy: an export is running", body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn delete(
     State(state): State<AppState>,
     Caller(key): Caller,
@@ -391,7 +393,9 @@ pub async fn create_snapshot(
 
 #[utoipa::path(delete, path = "/vms/{name}/snapshots/{snapshot}",
     params(("name" = String, Path), ("snapshot" = String, Path)),
-    responses((status = 204), (status = 404, body = ErrorBody)), security(("api_key" = [])))]
+    responses((status = 204), (status = 404, body = ErrorBody),
+        (status = 409, description = "snapshot_busy: an export is reading it", body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn delete_snapshot(
     State(state): State<AppState>,
     Caller(key): Caller,

@@ -33,7 +33,8 @@ use crate::store::{
 };
 
 pub use files::FileUpload;
-use locks::LockTable;
+pub use locks::SnapshotPin;
+use locks::{LockTable, SnapshotPins};
 pub use paths::SnapshotPaths;
 pub use processes::{EventStream, StartProcess};
 
@@ -54,6 +55,8 @@ pub enum SandboxError {
     VmExists(String),
     #[error("a snapshot named {0:?} already exists")]
     SnapshotExists(String),
+    #[error("snapshot {0:?} is being exported; try again when the export job has finished")]
+    SnapshotBusy(String),
     #[error("sandbox {name:?} is {state}, not running")]
     NotRunning { name: String, state: &'static str },
     #[error("rejected by policy plugin {plugin:?}: {reason}")]
@@ -157,6 +160,10 @@ pub struct CreateSandbox {
     pub from: Option<ForkSource>,
 }
 
+/// An import the policy chain admitted ([`Sandboxes::admit_import`]): the
+/// sandbox it will create.
+pub struct AdmittedImport(NewSandbox);
+
 /// A command to run, already decoded from the API.
 #[derive(Debug, Clone, Default)]
 pub struct RunCommand {
@@ -204,6 +211,8 @@ pub struct Sandboxes {
     runtimes: Runtimes,
     paths: SnapshotPaths,
     locks: LockTable,
+    /// Snapshots that running exports read (see [`Self::pin_for_export`]).
+    pins: Arc<SnapshotPins>,
     default_image: String,
     limits: RunLimits,
     plugins: Arc<PluginChain>,
@@ -225,6 +234,7 @@ impl Sandboxes {
             runtimes,
             paths,
             locks: LockTable::default(),
+            pins: Arc::default(),
             default_image,
             limits,
             plugins,
@@ -440,6 +450,9 @@ impl Sandboxes {
     #[instrument(skip(self, owner))]
     pub async fn delete(&self, owner: Uuid, name: &str) -> Result<()> {
         let (sandbox, _guard) = self.lock(owner, name).await?;
+        if let Some(snapshot) = self.pins.any_pinned(sandbox.id) {
+            return Err(SandboxError::SnapshotBusy(snapshot));
+        }
         self.store
             .set_state(sandbox.id, SandboxState::Deleting, None)
             .await?;
@@ -579,6 +592,9 @@ impl Sandboxes {
     pub async fn delete_snapshot(&self, owner: Uuid, vm: &str, snapshot: &str) -> Result<()> {
         names::validate_resource_name("snapshot", snapshot)?;
         let (sandbox, _guard) = self.lock(owner, vm).await?;
+        if self.pins.is_pinned(sandbox.id, snapshot) {
+            return Err(SandboxError::SnapshotBusy(snapshot.to_string()));
+        }
         if !self.store.delete_snapshot(sandbox.id, snapshot).await? {
             return Err(SandboxError::SnapshotNotFound(snapshot.to_string()));
         }
@@ -681,7 +697,7 @@ impl Sandboxes {
     }
 
     /// The read-only subvolume of one of the owner's snapshots, with the
-    /// sandbox's lock held so that the snapshot stays while it is read (an export).
+    /// sandbox's lock held until [`Self::pin_for_export`] trades it for a pin.
     pub async fn snapshot_for_export(
         &self,
         owner: Uuid,
@@ -691,6 +707,21 @@ impl Sandboxes {
         let (sandbox, guard) = self.lock_with_snapshot(owner, vm, snapshot).await?;
         let path = self.paths.snapshot(sandbox.id, snapshot);
         Ok((sandbox, path, guard))
+    }
+
+    /// Pins the snapshots an export reads (its own and its base) and releases
+    /// the sandbox's lock: while the export runs, the sandbox can be used,
+    /// snapshotted and restored, and deleting a pinned snapshot (or the
+    /// sandbox) answers `snapshot_busy` instead of waiting for the export.
+    pub fn pin_for_export(
+        &self,
+        sandbox: Uuid,
+        snapshots: Vec<String>,
+        lock: tokio::sync::OwnedMutexGuard<()>,
+    ) -> SnapshotPin {
+        let pin = self.pins.pin(sandbox, snapshots);
+        drop(lock);
+        pin
     }
 
     /// Where a snapshot of a sandbox lives (whether or not it exists).
@@ -712,35 +743,67 @@ impl Sandboxes {
         Ok(())
     }
 
-    /// Creates a sandbox from a received, read-only subvolume: the container
-    /// is created from `image`, its root is swapped for a writable snapshot of
-    /// `received` before its first start, and the sandbox gets the snapshots
-    /// `snapshot` (the received one) and `initial`. Undone on failure.
-    #[instrument(skip(self, owner, received))]
-    pub async fn import(
+    /// Admits an import as a create would be admitted, before anything is
+    /// downloaded: names and image are checked, the policy chain decides
+    /// (asked for the snapshot's runtime, the only one its root fits) and the
+    /// image is made available. [`Self::import`] then builds the sandbox.
+    #[instrument(skip(self, caller), fields(sandbox = %name))]
+    pub async fn admit_import(
         &self,
-        owner: Uuid,
+        caller: &ApiKey,
         name: &str,
         image: &str,
-        snapshot: &str,
-        received: &Path,
-    ) -> Result<Sandbox> {
+        runtime: &str,
+    ) -> Result<AdmittedImport> {
         names::validate_resource_name("sandbox", name)?;
-        names::validate_resource_name("snapshot", snapshot)?;
         names::validate_image(image)?;
-        let runtime = self.runtimes.default_runtime();
-        runtime.ensure_image(image).await?;
-        let new = NewSandbox {
-            owner_key_id: owner,
+        if self.store.get_sandbox(caller.id, name).await?.is_some() {
+            return Err(SandboxError::VmExists(name.to_string()));
+        }
+        let request = CreateSandbox {
+            name: name.to_string(),
+            image: Some(image.to_string()),
+            env: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            runtime: Some(runtime.to_string()),
+            from: None,
+        };
+        let chosen = self.choose_runtime(caller, &request, image).await?;
+        if chosen != runtime {
+            return Err(SandboxError::RejectedByPolicy {
+                plugin: "(policy chain)".into(),
+                reason: format!(
+                    "it chose runtime {chosen:?}, but the snapshot is of a {runtime:?} sandbox"
+                ),
+            });
+        }
+        self.runtime_named(&chosen)?.ensure_image(image).await?;
+        Ok(AdmittedImport(NewSandbox {
+            owner_key_id: caller.id,
             name: name.to_string(),
             image: image.to_string(),
-            runtime: runtime.name().to_string(),
+            runtime: chosen,
             env: BTreeMap::new(),
             labels: BTreeMap::new(),
             forked_from: None,
-        };
+        }))
+    }
+
+    /// Creates an admitted sandbox from a received, read-only subvolume: the
+    /// instance is created from the image, its root is swapped for a writable
+    /// snapshot of `received` before its first start, and the sandbox gets
+    /// the snapshots `snapshot` (the received one) and `initial`. Undone on
+    /// failure.
+    #[instrument(skip(self, admitted, received))]
+    pub async fn import(
+        &self,
+        admitted: AdmittedImport,
+        snapshot: &str,
+        received: &Path,
+    ) -> Result<Sandbox> {
+        names::validate_resource_name("snapshot", snapshot)?;
         self.materialize(
-            new,
+            admitted.0,
             RootOrigin::Received {
                 path: received,
                 snapshot,

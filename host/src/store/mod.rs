@@ -120,6 +120,20 @@ impl Store {
             .transpose()
     }
 
+    /// An active key by its id.
+    pub async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>> {
+        sqlx::query(
+            "SELECT id, name, admin, created_at FROM api_keys
+             WHERE id = ? AND revoked_at IS NULL",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(models::key_from_row)
+        .transpose()
+    }
+
     pub async fn list_keys(&self) -> Result<Vec<ApiKey>> {
         sqlx::query(
             "SELECT id, name, admin, created_at FROM api_keys

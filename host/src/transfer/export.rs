@@ -9,15 +9,13 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use async_compression::tokio::bufread::ZstdEncoder;
 use bytes::Bytes;
 use chrono::Utc;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, BufReader};
 use tracing::{info, warn};
 
 use super::manifest::{Manifest, StreamEntry, FORMAT, VERSION};
-use super::stream::{spawn_btrfs, wait_btrfs, CountingReader};
+use super::stream::{spawn_btrfs, wait_btrfs};
 use super::{JobFailure, Transfers};
 use crate::s3::{ObjectStore, Upload};
 use crate::sandbox::SandboxError;
@@ -40,8 +38,9 @@ pub async fn run(
     progress: &Arc<AtomicU64>,
 ) -> Result<(), JobFailure> {
     let snapshot = job.snapshot.clone().unwrap_or_default();
-    // The lock keeps the snapshots (ours and the base) in place while they are read.
-    let (sandbox, path, _guard) = transfers
+    // Under the sandbox's lock the base is chosen and both snapshots are pinned;
+    // the pin, not the lock, keeps them in place while they are read.
+    let (sandbox, path, lock) = transfers
         .sandboxes
         .snapshot_for_export(job.owner_key_id, &job.vm, &snapshot)
         .await?;
@@ -51,6 +50,9 @@ pub async fn run(
         .await?
         .ok_or_else(|| SandboxError::SnapshotNotFound(snapshot.clone()))?;
     let base = find_base(transfers, sandbox.id, &snapshot).await?;
+    let mut pinned = vec![snapshot.clone()];
+    pinned.extend(base.as_ref().map(|b| b.manifest.snapshot.clone()));
+    let _pin = transfers.sandboxes.pin_for_export(sandbox.id, pinned, lock);
 
     let stem = format!("{}/{}-{}", sandbox.id, snapshot, job.id);
     let stream_key = s3.full_key(&format!("{stem}.btrfs.zst"));
@@ -160,13 +162,16 @@ struct Sent {
 
 /// Streams `btrfs send` through zstd into the upload's parts and completes it.
 ///
-/// One task reads, compresses and hashes the stream into [`PART_SIZE`]
-/// buffers; each full buffer is uploaded on a task of its own, at most
-/// [`PARTS_IN_FLIGHT`] at a time, while the next one is produced. Memory is
-/// bounded by `(PARTS_IN_FLIGHT + 1) * PART_SIZE` (64 MiB uploading and
-/// 16 MiB being filled). A failure stops the part uploads still running
-/// before it is returned, so the caller's abort of the upload is the last
-/// request for it.
+/// A blocking thread ([`produce_parts`]) reads, compresses and hashes the
+/// stream into [`PART_SIZE`] buffers, so that this CPU work never holds one of
+/// the runtime's threads; each full buffer is uploaded on a task of its own,
+/// at most [`PARTS_IN_FLIGHT`] at a time, while the next ones are produced.
+/// Memory is bounded by `(PARTS_IN_FLIGHT + 3) * PART_SIZE`, 112 MiB (64 MiB
+/// uploading, one part waiting for a slot, one in the channel, one being
+/// filled). A failure stops the part uploads still running before it is
+/// returned, so the caller's abort of the upload is the last request for it;
+/// the producer stops at its next part (the channel is closed) or at once
+/// (`btrfs send` is killed when its child handle is dropped).
 async fn send(
     s3: &ObjectStore,
     upload: &Upload,
@@ -185,31 +190,17 @@ async fn send(
         .stdout
         .take()
         .ok_or_else(|| JobFailure::Stream("btrfs send has no stdout".into()))?;
-    let stream_bytes = Arc::new(AtomicU64::new(0));
-    let counted = CountingReader::new(stdout, Arc::clone(&stream_bytes));
-    let mut encoder = ZstdEncoder::new(BufReader::with_capacity(1024 * 1024, counted));
+    // Blocking again (tokio's conversion clears O_NONBLOCK), for the producer's thread.
+    let stdout = std::fs::File::from(stdout.into_owned_fd()?);
+    let (parts_tx, mut parts_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+    let producer = tokio::task::spawn_blocking(move || produce_parts(stdout, parts_tx));
 
-    let mut hasher = Sha256::new();
     let mut parts = PartsInFlight::new(PARTS_IN_FLIGHT);
     let mut number = 0i32;
     let mut compressed = 0u64;
-    let mut produce = std::time::Duration::ZERO;
     let mut upload_wait = std::time::Duration::ZERO;
     let result: Result<(), JobFailure> = async {
-        loop {
-            let started = std::time::Instant::now();
-            let mut buf = Vec::with_capacity(PART_SIZE);
-            (&mut encoder)
-                .take(PART_SIZE as u64)
-                .read_to_end(&mut buf)
-                .await
-                .map_err(|e| JobFailure::Stream(format!("reading the send stream: {e}")))?;
-            let last = buf.len() < PART_SIZE;
-            if buf.is_empty() && number > 0 {
-                break;
-            }
-            hasher.update(&buf);
-            produce += started.elapsed();
+        while let Some(buf) = parts_rx.recv().await {
             compressed += buf.len() as u64;
             number += 1;
             let waited = std::time::Instant::now();
@@ -221,30 +212,115 @@ async fn send(
             let n = number;
             parts.start(n, async move { s3.upload_part(&upload, n, data).await });
             progress.store(compressed, Ordering::Relaxed);
-            if last {
-                break;
-            }
         }
         Ok(())
     }
     .await;
+    drop(parts_rx);
     if let Err(err) = result {
         parts.stop().await;
         return Err(err);
     }
+    let produced = match producer.await {
+        Ok(Ok(produced)) => produced,
+        Ok(Err(err)) => {
+            parts.stop().await;
+            return Err(err);
+        }
+        Err(e) => {
+            parts.stop().await;
+            return Err(JobFailure::Stream(format!(
+                "the stream producer failed: {e}"
+            )));
+        }
+    };
     let waited = std::time::Instant::now();
     let parts = parts.finish().await?;
     upload_wait += waited.elapsed();
-    drop(encoder);
     wait_btrfs("btrfs send", child, stderr).await?;
     s3.complete_upload(upload, parts).await?;
     Ok(Sent {
         compressed,
-        stream: stream_bytes.load(Ordering::Relaxed),
-        sha256: hex::encode(hasher.finalize()),
-        produce_ms: produce.as_millis(),
+        stream: produced.stream,
+        sha256: produced.sha256,
+        produce_ms: produced.busy.as_millis(),
         upload_wait_ms: upload_wait.as_millis(),
     })
+}
+
+/// What [`produce_parts`] made of a whole stream.
+struct Produced {
+    /// Bytes `btrfs send` wrote (before compression).
+    stream: u64,
+    /// Hex SHA-256 of the compressed stream (every part, in order).
+    sha256: String,
+    /// Time spent reading, compressing and hashing.
+    busy: std::time::Duration,
+}
+
+/// Reads the send stream, compresses it with zstd (level 3, as the `zstd`
+/// CLI) and hashes the result, handing [`PART_SIZE`] parts to `parts` (the
+/// last one shorter; at least one, possibly empty). Runs on a blocking thread.
+fn produce_parts(
+    stream: std::fs::File,
+    parts: tokio::sync::mpsc::Sender<Vec<u8>>,
+) -> Result<Produced, JobFailure> {
+    let read = |e: std::io::Error| JobFailure::Stream(format!("reading the send stream: {e}"));
+    let counted = CountingRead {
+        inner: stream,
+        count: 0,
+    };
+    let mut encoder = zstd::stream::read::Encoder::with_buffer(
+        std::io::BufReader::with_capacity(1024 * 1024, counted),
+        3,
+    )
+    .map_err(read)?;
+    let mut hasher = Sha256::new();
+    let mut busy = std::time::Duration::ZERO;
+    let mut sent_any = false;
+    loop {
+        let started = std::time::Instant::now();
+        let mut buf = Vec::with_capacity(PART_SIZE);
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(&mut encoder, PART_SIZE as u64),
+            &mut buf,
+        )
+        .map_err(read)?;
+        let last = buf.len() < PART_SIZE;
+        if buf.is_empty() && sent_any {
+            break;
+        }
+        hasher.update(&buf);
+        busy += started.elapsed();
+        if parts.blocking_send(buf).is_err() {
+            // The uploader stopped (it failed); it reports why.
+            return Err(JobFailure::Stream("the upload stopped".into()));
+        }
+        sent_any = true;
+        if last {
+            break;
+        }
+    }
+    let stream = encoder.get_ref().get_ref().count;
+    Ok(Produced {
+        stream,
+        sha256: hex::encode(hasher.finalize()),
+        busy,
+    })
+}
+
+/// Counts the bytes read through it (the uncompressed size of a send stream).
+struct CountingRead<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
 }
 
 /// How many parts upload at once: enough to keep an S3 server that handles

@@ -38,8 +38,18 @@ pub async fn run(
         format!("{key}{MANIFEST_SUFFIX}")
     };
     let data = s3.get_small(&manifest_key, MAX_BYTES).await?;
-    let manifest =
-        Manifest::parse(&data, &transfers.runtime).map_err(|e| JobFailure::Foreign(e.0))?;
+    let runtimes = transfers.sandboxes.runtimes().names();
+    let manifest = Manifest::parse(&data, &runtimes).map_err(|e| JobFailure::Foreign(e.0))?;
+    // The key that asked, for the policy chain (a key revoked since owns nothing new).
+    let caller = transfers
+        .store
+        .get_key(job.owner_key_id)
+        .await?
+        .ok_or(JobFailure::KeyRevoked)?;
+    let admitted = transfers
+        .sandboxes
+        .admit_import(&caller, &job.vm, &manifest.image, &manifest.runtime)
+        .await?;
     job.snapshot = Some(manifest.snapshot.clone());
     job.bytes_total = Some(manifest.chain.iter().map(|e| e.compressed_bytes).sum());
     transfers.store.save_job(job).await?;
@@ -50,13 +60,7 @@ pub async fn run(
         let received = receive_chain(s3, &manifest, &staging, progress).await?;
         let sandbox = transfers
             .sandboxes
-            .import(
-                job.owner_key_id,
-                &job.vm,
-                &manifest.image,
-                &manifest.snapshot,
-                &received,
-            )
+            .import(admitted, &manifest.snapshot, &received)
             .await?;
         Ok::<_, JobFailure>(sandbox)
     }

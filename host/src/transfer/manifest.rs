@@ -67,7 +67,8 @@ pub struct ForeignManifest(pub String);
 
 impl Manifest {
     /// Parses and checks a manifest read from the bucket.
-    pub fn parse(data: &[u8], runtime: &str) -> Result<Self, ForeignManifest> {
+    /// Parses and checks a manifest; `runtimes` are the runtimes this host has.
+    pub fn parse(data: &[u8], runtimes: &[&str]) -> Result<Self, ForeignManifest> {
         let manifest: Manifest = serde_json::from_slice(data)
             .map_err(|e| ForeignManifest(format!("not an OpenSandbox snapshot manifest: {e}")))?;
         if manifest.format != FORMAT {
@@ -82,10 +83,11 @@ impl Manifest {
                 manifest.version
             )));
         }
-        if manifest.runtime != runtime {
+        if !runtimes.contains(&manifest.runtime.as_str()) {
             return Err(ForeignManifest(format!(
-                "the snapshot is of a {:?} sandbox; this host runs {runtime:?}",
-                manifest.runtime
+                "the snapshot is of a {:?} sandbox; this host has the runtimes {}",
+                manifest.runtime,
+                runtimes.join(", ")
             )));
         }
         if manifest.chain.is_empty() || manifest.chain.len() > MAX_CHAIN {
@@ -161,25 +163,26 @@ mod tests {
     #[test]
     fn a_manifest_round_trips() {
         let data = serde_json::to_vec(&manifest()).unwrap();
-        let parsed = Manifest::parse(&data, "docker").unwrap();
+        let parsed = Manifest::parse(&data, &["docker"]).unwrap();
         assert_eq!(parsed.chain.len(), 2);
+        assert!(Manifest::parse(&data, &["namespaces", "docker"]).is_ok());
     }
 
     #[test]
     fn foreign_and_inconsistent_manifests_are_refused() {
-        assert!(Manifest::parse(b"hello", "docker").is_err());
-        assert!(Manifest::parse(b"{\"format\":\"x\"}", "docker").is_err());
+        assert!(Manifest::parse(b"hello", &["docker"]).is_err());
+        assert!(Manifest::parse(b"{\"format\":\"x\"}", &["docker"]).is_err());
         let data = serde_json::to_vec(&manifest()).unwrap();
-        assert!(Manifest::parse(&data, "firecracker").is_err());
+        assert!(Manifest::parse(&data, &["namespaces", "firecracker"]).is_err());
         let mut m = manifest();
         m.chain.pop();
-        assert!(Manifest::parse(&serde_json::to_vec(&m).unwrap(), "docker").is_err());
+        assert!(Manifest::parse(&serde_json::to_vec(&m).unwrap(), &["docker"]).is_err());
         let mut m = manifest();
         m.chain[0].sha256 = "zz".into();
-        assert!(Manifest::parse(&serde_json::to_vec(&m).unwrap(), "docker").is_err());
+        assert!(Manifest::parse(&serde_json::to_vec(&m).unwrap(), &["docker"]).is_err());
         let mut m = manifest();
         m.chain[1].snapshot = "../x".into();
         m.stream = m.chain[1].clone();
-        assert!(Manifest::parse(&serde_json::to_vec(&m).unwrap(), "docker").is_err());
+        assert!(Manifest::parse(&serde_json::to_vec(&m).unwrap(), &["docker"]).is_err());
     }
 }

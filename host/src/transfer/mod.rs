@@ -57,6 +57,8 @@ pub enum JobFailure {
     Io(#[from] std::io::Error),
     #[error("snapshot storage error: {0}")]
     Storage(#[from] btrfs::BtrfsError),
+    #[error("the API key that started this job has been revoked")]
+    KeyRevoked,
 }
 
 impl JobFailure {
@@ -66,6 +68,9 @@ impl JobFailure {
             JobFailure::Sandbox(SandboxError::VmNotFound(_)) => "vm_not_found",
             JobFailure::Sandbox(SandboxError::SnapshotNotFound(_)) => "snapshot_not_found",
             JobFailure::Sandbox(SandboxError::ImageUnavailable { .. }) => "image_unavailable",
+            JobFailure::Sandbox(SandboxError::RejectedByPolicy { .. }) => "rejected_by_policy",
+            JobFailure::Sandbox(SandboxError::RuntimeUnavailable { .. }) => "runtime_unavailable",
+            JobFailure::KeyRevoked => "key_revoked",
             JobFailure::S3(S3Error::NotFound(_)) => "object_not_found",
             JobFailure::S3(_) => "s3_error",
             JobFailure::Foreign(_) => "foreign_object",
@@ -81,21 +86,14 @@ pub struct Transfers {
     store: Store,
     sandboxes: Arc<Sandboxes>,
     s3: Option<ObjectStore>,
-    runtime: String,
 }
 
 impl Transfers {
-    pub fn new(
-        store: Store,
-        sandboxes: Arc<Sandboxes>,
-        s3: Option<ObjectStore>,
-        runtime: &str,
-    ) -> Self {
+    pub fn new(store: Store, sandboxes: Arc<Sandboxes>, s3: Option<ObjectStore>) -> Self {
         Self {
             store,
             sandboxes,
             s3,
-            runtime: runtime.to_string(),
         }
     }
 

@@ -56,31 +56,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for HashingReader<R> {
     }
 }
 
-/// Counts bytes only (the uncompressed size of a send stream).
-pub struct CountingReader<R> {
-    inner: R,
-    pub count: Arc<AtomicU64>,
-}
-
-impl<R> CountingReader<R> {
-    pub fn new(inner: R, count: Arc<AtomicU64>) -> Self {
-        Self { inner, count }
-    }
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for CountingReader<R> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        poll_observed(&mut this.inner, cx, buf, |new| {
-            this.count.fetch_add(new.len() as u64, Ordering::Relaxed);
-        })
-    }
-}
-
 /// Reads from `inner` into `buf` and hands the bytes this read added to `observe`.
 fn poll_observed<R: AsyncRead + Unpin>(
     inner: &mut R,

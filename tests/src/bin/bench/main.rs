@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use opensandbox_e2e::{
     btrfs_path, docker, docker_host, docker_image, json, sandbox_dir, workspace_root, Host,
-    HostOptions, S3Server, Value,
+    HostOptions, S3Kind, S3Server, Value,
 };
 
 mod agent;
@@ -28,8 +28,10 @@ const DEFAULT_RUNS: usize = 50;
 
 struct Args {
     runs: usize,
-    /// Also measure snapshot export/import through S3 (a local moto server).
+    /// Also measure snapshot export/import through S3 (a local server).
     transfer: bool,
+    /// The S3 server of the transfer rows.
+    s3: S3Kind,
     /// Only the transfer rows.
     transfer_only: bool,
     /// Docker beside the namespaces runtime plugin (and nothing else).
@@ -39,14 +41,15 @@ struct Args {
 }
 
 fn usage() -> &'static str {
-    "usage: opensandbox-bench [--runs N] [--transfer | --transfer-only | --runtimes [--idle N]]\n\
+    "usage: opensandbox-bench [--runs N] [--transfer | --transfer-only [--s3 KIND] | --runtimes [--idle N]]\n\
      \n\
      Measures create, run, snapshot (1 MiB and 1 GiB written), restore and fork of an\n\
      opensandbox host it starts itself, plus docker CLI baselines, N times each (default 50).\n\
      Host binary: OPENSANDBOX_BIN, else target/release/opensandbox (build it first with\n\
      `cargo build --release -p opensandbox`), else target/debug/opensandbox.\n\
      --transfer adds export/import through S3 of a 1 GiB snapshot (min(N, 3) runs, against a\n\
-     local moto_server: MOTO_SERVER) next to `btrfs send | zstd > /dev/null`.\n\
+     local S3-compatible server) next to `btrfs send | zstd > /dev/null`. --s3 s3s-fs (the\n\
+     default; S3S_FS, scripts/install-s3s-fs.sh) or moto (MOTO_SERVER, scripts/setup.sh).\n\
      --runtimes measures Docker and the namespaces runtime plugin side by side instead, then\n\
      creates --idle N (default 1000) idle namespaces sandboxes to measure their memory.\n\
      Environment: DOCKER_HOST, DOCKER_BTRFS_PATH, DOCKER_IMAGE as for the host."
@@ -58,6 +61,7 @@ fn parse_args() -> Result<Args> {
     let mut transfer_only = false;
     let mut runtimes = false;
     let mut idle = 1000;
+    let mut s3 = S3Kind::S3sFs;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -81,6 +85,13 @@ fn parse_args() -> Result<Args> {
                     .parse()
                     .with_context(|| format!("--idle {v:?} is not a number"))?;
             }
+            "--s3" => {
+                s3 = match it.next().as_deref() {
+                    Some("s3s-fs") => S3Kind::S3sFs,
+                    Some("moto") => S3Kind::Moto,
+                    other => bail!("--s3 {other:?}: expected s3s-fs or moto"),
+                };
+            }
             "--transfer-only" => {
                 transfer = true;
                 transfer_only = true;
@@ -98,6 +109,7 @@ fn parse_args() -> Result<Args> {
     Ok(Args {
         runs,
         transfer,
+        s3,
         transfer_only,
         runtimes,
         idle,
@@ -430,10 +442,51 @@ fn mib_per_s(bytes: f64, ms: f64) -> f64 {
     bytes / (1024.0 * 1024.0) / (ms / 1000.0)
 }
 
+/// CPU seconds a process has used, with those of its children it has
+/// reaped (`btrfs send` is reaped by the host before its export ends).
+fn process_cpu_s(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name, which may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("unexpected /proc/<pid>/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime, stime, cutime, cstime: fields 14-17 of stat(5), 12-15 here.
+    let ticks: f64 = fields
+        .get(11..15)
+        .context("short /proc/<pid>/stat")?
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
+}
+
+/// CPU seconds of this process's reaped children (the baseline's pipe).
+fn children_cpu_s() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    percentile(&v, 50.0)
+}
+
 /// Export and import of a sandbox holding 1 GiB more than its image, the
 /// `btrfs send | zstd` pipe on the same snapshot, and incremental exports
-/// after a 1 MiB change.
-async fn measure_transfer(host: &Host, n: usize) -> Result<Vec<Row>> {
+/// after a 1 MiB change. Beside wall time, the CPU time each side used: on
+/// this machine the S3 server shares the cores with the host.
+async fn measure_transfer(host: &Host, s3: &S3Server, n: usize) -> Result<Vec<Row>> {
+    let host_pid = host.pid().context("the host is not running")?;
     let key = host.admin_key().await?;
     let mut rows = Vec::new();
     progress("transfer: writing 1 GiB");
@@ -450,8 +503,10 @@ async fn measure_transfer(host: &Host, n: usize) -> Result<Vec<Row>> {
 
     progress("transfer: btrfs send piped into zstd");
     let mut s = Vec::new();
+    let mut baseline_cpu = Vec::new();
     for _ in 0..n {
         let t = Instant::now();
+        let cpu = children_cpu_s();
         let out = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(format!(
@@ -464,13 +519,16 @@ async fn measure_transfer(host: &Host, n: usize) -> Result<Vec<Row>> {
             bail!("btrfs send | zstd failed: {out}");
         }
         s.push(ms(t.elapsed()));
+        baseline_cpu.push(children_cpu_s() - cpu);
     }
     let baseline = Row::new("", s, None);
 
     progress("transfer: export");
     let mut s = Vec::new();
     let mut last = Value::Null;
+    let (mut host_cpu, mut server_cpu) = (Vec::new(), Vec::new());
     for _ in 0..n {
+        let (host_before, server_before) = (process_cpu_s(host_pid)?, process_cpu_s(s3.pid())?);
         let (t, done) = timed_job(
             host,
             &key,
@@ -479,6 +537,8 @@ async fn measure_transfer(host: &Host, n: usize) -> Result<Vec<Row>> {
         )
         .await?;
         s.push(t);
+        host_cpu.push(process_cpu_s(host_pid)? - host_before);
+        server_cpu.push(process_cpu_s(s3.pid())? - server_before);
         last = done;
     }
     let export = Row::new("", s, None);
@@ -529,9 +589,11 @@ async fn measure_transfer(host: &Host, n: usize) -> Result<Vec<Row>> {
     let gib = 1024.0 * 1024.0 * 1024.0;
     rows.push(Row {
         op: format!(
-            "export 1 GiB snapshot to S3 (p50 {:.0} MiB/s; object {:.0} MiB)",
+            "export 1 GiB snapshot to S3 (p50 {:.0} MiB/s; object {:.0} MiB; CPU p50: host {:.1} s, S3 server {:.1} s)",
             mib_per_s(gib, export.p50()),
-            compressed / (1024.0 * 1024.0)
+            compressed / (1024.0 * 1024.0),
+            median(host_cpu),
+            median(server_cpu)
         ),
         ..export
     });
@@ -544,8 +606,9 @@ async fn measure_transfer(host: &Host, n: usize) -> Result<Vec<Row>> {
     });
     rows.push(Row {
         op: format!(
-            "baseline: `btrfs send` piped into `zstd > /dev/null` (p50 {:.0} MiB/s)",
-            mib_per_s(gib, baseline.p50())
+            "baseline: `btrfs send` piped into `zstd > /dev/null` (p50 {:.0} MiB/s; CPU p50 {:.1} s)",
+            mib_per_s(gib, baseline.p50()),
+            median(baseline_cpu)
         ),
         ..baseline
     });
@@ -637,7 +700,9 @@ async fn bench(args: Args) -> Result<()> {
 
     progress("starting the host");
     let s3 = if args.transfer {
-        Some(S3Server::start().await?)
+        let s3 = S3Server::start_kind(args.s3).await?;
+        println!("- S3 server: {} on 127.0.0.1", args.s3.name());
+        Some(s3)
     } else {
         None
     };
@@ -658,7 +723,8 @@ async fn bench(args: Args) -> Result<()> {
             measure(&host, n, &image, &mut rates).await?
         };
         if args.transfer {
-            rows.extend(measure_transfer(&host, n.min(3)).await?);
+            let s3 = s3.as_ref().context("no S3 server")?;
+            rows.extend(measure_transfer(&host, s3, n.min(3)).await?);
         }
         Ok::<_, anyhow::Error>((rows, run_p50, exec_p50))
     }
