@@ -25,7 +25,7 @@ done
 # (tests of Docker-only behaviour say so and return early).
 OPENSANDBOX_TEST_RUNTIME=namespaces cargo test -p opensandbox-e2e \
     --test seed --test snapshots --test run --test auth --test bad_input \
-    --test processes --test files -- --test-threads "${TEST_THREADS:-2}" 2>&1 | tee -a "$log"
+    --test processes --test files --test transfer -- --test-threads "${TEST_THREADS:-2}" 2>&1 | tee -a "$log"
 # The transfer suite again against s3s-fs, the S3 server that checks signatures.
 OPENSANDBOX_TEST_S3=s3s-fs cargo test -p opensandbox-e2e --test transfer \
     -- --test-threads "${TEST_THREADS:-2}" 2>&1 | tee -a "$log"

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use opensandbox_e2e::{
-    assert_error, assert_status, btrfs_path, json, plugin_wasm, Host, HostOptions, S3Kind,
-    S3Server, Value,
+    assert_error, assert_status, btrfs_path, json, plugin_wasm, test_runtime, Host, HostOptions,
+    S3Kind, S3Server, Value,
 };
 
 const PREFIX: &str = "e2e/";
@@ -153,7 +153,7 @@ async fn round_trip_restores_files_exactly_on_this_and_another_host() -> Result<
     let manifest: Value = serde_json::from_slice(&s3.get(&object_key).await?)?;
     assert_eq!(manifest["format"], "opensandbox-snapshot", "{manifest}");
     assert_eq!(manifest["snapshot"], "s1");
-    assert_eq!(manifest["runtime"], "docker");
+    assert_eq!(manifest["runtime"], test_runtime().as_str());
     assert!(manifest["parent"].is_null(), "{manifest}");
     assert_eq!(manifest["chain"].as_array().map(Vec::len), Some(1));
 
