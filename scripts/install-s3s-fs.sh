@@ -4,9 +4,9 @@
 # /var/cache/opensandbox/s3s-fs-<version>. Idempotent. Prints `export S3S_FS=...` last.
 #
 # Why a second server beside moto (scripts/setup.sh): s3s-fs checks every request's SigV4
-# signature (moto accepts any), and it is Rust writing to files, fast enough that the export
-# benchmark measures the host rather than the server (moto tops out near 150 MiB/s here).
-# 0.14: from 0.15 on it needs rustc 1.96. S3S_FS overrides.
+# signature (moto accepts any) and keeps objects in files, as a real store does. It is not
+# faster than moto for exports here: on two cores both are bound by their own CPU (README,
+# Benchmarks). 0.14: from 0.15 on it needs rustc 1.96. S3S_FS overrides.
 set -euo pipefail
 
 S3S_FS_VERSION=0.14.0

@@ -1357,8 +1357,8 @@ pub enum S3Kind {
     /// (ListMultipartUploads among it), but it accepts any signature.
     Moto,
     /// `s3s-fs` (Rust, objects in files under a temporary folder; `S3S_FS`): checks every
-    /// request's SigV4 signature against the one access key it is given, and is fast enough
-    /// that the benchmark measures us rather than the server.
+    /// request's SigV4 signature against the one access key it is given. The benchmark's
+    /// default server; no faster than moto for exports on two cores (README, Benchmarks).
     S3sFs,
 }
 
