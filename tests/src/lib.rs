@@ -25,6 +25,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use aws_sdk_s3::error::DisplayErrorContext;
 pub use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 pub use serde_json::{json, Value};
@@ -1477,7 +1478,11 @@ impl S3Server {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(e) => bail!("creating bucket {}: {}", server.bucket, sdk_error(&e)),
+                Err(e) => bail!(
+                    "creating bucket {}: {}",
+                    server.bucket,
+                    DisplayErrorContext(&e)
+                ),
             }
         }
         Ok(server)
@@ -1548,7 +1553,8 @@ impl S3Server {
             .send();
         let mut keys = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| anyhow!("listing {prefix}: {}", sdk_error(&e)))?;
+            let page =
+                page.map_err(|e| anyhow!("listing {prefix}: {}", DisplayErrorContext(&e)))?;
             keys.extend(
                 page.contents()
                     .iter()
@@ -1580,7 +1586,7 @@ impl S3Server {
             .bucket(&self.bucket)
             .send()
             .await
-            .map_err(|e| anyhow!("listing uploads: {}", sdk_error(&e)))?;
+            .map_err(|e| anyhow!("listing uploads: {}", DisplayErrorContext(&e)))?;
         Ok(out
             .uploads()
             .iter()
@@ -1596,7 +1602,7 @@ impl S3Server {
             .key(key)
             .send()
             .await
-            .map_err(|e| anyhow!("GET {key}: {}", sdk_error(&e)))?;
+            .map_err(|e| anyhow!("GET {key}: {}", DisplayErrorContext(&e)))?;
         Ok(out.body.collect().await?.into_bytes().to_vec())
     }
 
@@ -1608,7 +1614,7 @@ impl S3Server {
             .body(data.into())
             .send()
             .await
-            .map_err(|e| anyhow!("PUT {key}: {}", sdk_error(&e)))?;
+            .map_err(|e| anyhow!("PUT {key}: {}", DisplayErrorContext(&e)))?;
         Ok(())
     }
 }
@@ -1618,21 +1624,5 @@ impl Drop for S3Server {
         let _ = self.resume();
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// An SDK error with its service code and message (its `Display` says only "service error").
-fn sdk_error<E, R>(e: &aws_sdk_s3::error::SdkError<E, R>) -> String
-where
-    E: aws_sdk_s3::error::ProvideErrorMetadata + std::fmt::Debug,
-    R: std::fmt::Debug,
-{
-    match e.as_service_error() {
-        Some(service) => format!(
-            "{} {}",
-            service.code().unwrap_or("(no code)"),
-            service.message().unwrap_or("")
-        ),
-        None => format!("{e:?}"),
     }
 }

@@ -66,6 +66,33 @@ async fn wait_job(host: &Host, key: &str, job: &Value) -> Result<Value> {
     }
 }
 
+/// Polls `GET /jobs/{id}` until `ready` holds for the job's view, which it
+/// returns; fails as soon as the job is anything but queued or running (it
+/// ended too soon), or after `timeout`.
+async fn wait_job_until(
+    host: &Host,
+    key: &str,
+    job: &Value,
+    timeout: Duration,
+    ready: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let id = job["id"].as_str().context("job id")?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, body) = host.get(&format!("/jobs/{id}"), Some(key)).await?;
+        if ready(&body) {
+            return Ok(body);
+        }
+        if !matches!(body["state"].as_str(), Some("queued" | "running")) {
+            bail!("job {id} ended too soon: {body}");
+        }
+        if Instant::now() > deadline {
+            bail!("job {id} did not get there within {timeout:?}: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn export_ok(host: &Host, key: &str, vm: &str, snapshot: &str) -> Result<Value> {
     let job = export(host, key, vm, snapshot).await?;
     let done = wait_job(host, key, &job).await?;
@@ -338,22 +365,10 @@ async fn export_interrupted_by_a_killed_host_leaves_no_object() -> Result<()> {
     let job = export(&host, &key, "a", "s1").await?;
     let id = job["id"].as_str().context("id")?.to_string();
     // Kill it once the upload is under way.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, body) = host.get(&format!("/jobs/{id}"), Some(&key)).await?;
-        if body["state"] == "running" && body["bytes_done"].as_u64().unwrap_or(0) > 0 {
-            break;
-        }
-        assert_ne!(
-            body["state"], "succeeded",
-            "the export ended too soon: {body}"
-        );
-        assert_ne!(body["state"], "failed", "{body}");
-        if Instant::now() > deadline {
-            bail!("the export did not start uploading: {body}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_job_until(&host, &key, &job, Duration::from_secs(120), |body| {
+        body["state"] == "running" && body["bytes_done"].as_u64().unwrap_or(0) > 0
+    })
+    .await?;
     // Held where it is (the server stopped), so it cannot finish before the kill.
     s3.pause()?;
     host.kill()?;
@@ -396,18 +411,10 @@ async fn a_running_export_pins_its_snapshots_without_blocking_the_sandbox() -> R
     s3.pause()?;
     let job = export(&host, &key, "a", "s2").await?;
     let id = job["id"].as_str().context("id")?.to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, body) = host.get(&format!("/jobs/{id}"), Some(&key)).await?;
-        if body["state"] == "running" {
-            break;
-        }
-        assert_eq!(body["state"], "queued", "{body}");
-        if Instant::now() > deadline {
-            bail!("the export did not start: {body}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_job_until(&host, &key, &job, Duration::from_secs(60), |body| {
+        body["state"] == "running"
+    })
+    .await?;
     // The job pins its snapshots right after it turns running; give it ample time.
     tokio::time::sleep(Duration::from_millis(500)).await;
 

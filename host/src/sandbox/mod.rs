@@ -755,11 +755,8 @@ impl Sandboxes {
         image: &str,
         runtime: &str,
     ) -> Result<AdmittedImport> {
-        names::validate_resource_name("sandbox", name)?;
+        self.check_import(caller.id, name).await?;
         names::validate_image(image)?;
-        if self.store.get_sandbox(caller.id, name).await?.is_some() {
-            return Err(SandboxError::VmExists(name.to_string()));
-        }
         let request = CreateSandbox {
             name: name.to_string(),
             image: Some(image.to_string()),

@@ -126,6 +126,18 @@ mod tests {
             .collect()
     }
 
+    /// How every command line starts: each namespace but the user's (the host
+    /// makes that one), then every capability dropped.
+    const NAMESPACES_AND_NO_CAPABILITIES: [&str; 7] = [
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--cap-drop",
+        "ALL",
+    ];
+
     #[test]
     fn the_whole_command_line() {
         let agent = agent();
@@ -136,15 +148,7 @@ mod tests {
             env: &env,
             agent: &agent,
         });
-        let mut want = vec![
-            "--unshare-ipc",
-            "--unshare-pid",
-            "--unshare-net",
-            "--unshare-uts",
-            "--unshare-cgroup-try",
-            "--cap-drop",
-            "ALL",
-        ];
+        let mut want = NAMESPACES_AND_NO_CAPABILITIES.to_vec();
         for cap in DOCKER_CAPABILITIES {
             want.extend(["--cap-add", cap]);
         }
@@ -200,18 +204,7 @@ mod tests {
         assert!(!got
             .iter()
             .any(|a| a.starts_with("--unshare-all") || a == "--unshare-user"));
-        assert_eq!(
-            got[..7],
-            [
-                "--unshare-ipc",
-                "--unshare-pid",
-                "--unshare-net",
-                "--unshare-uts",
-                "--unshare-cgroup-try",
-                "--cap-drop",
-                "ALL"
-            ]
-        );
+        assert_eq!(got[..7], NAMESPACES_AND_NO_CAPABILITIES);
         assert!(!got.iter().any(|a| a == "CAP_SYS_ADMIN"));
         let added: Vec<&str> = got
             .windows(2)
