@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use opensandbox_e2e::{
-    assert_error, btrfs_path, json, namespaces_plugin_entry, plugin_wasm, wait_until, Host,
+    assert_error, btrfs_path, json, namespaces_plugin_entry, plugin_wasm, sandbox_dir, wait_until,
+    Host,
 };
 
 /// A host with the namespaces runtime (default stays docker) plus `more`
@@ -173,6 +174,112 @@ async fn namespaces_runtime_runs_snapshots_restores_and_forks() -> Result<()> {
         processes_with(&format!("runtimes/namespaces/sandboxes/{id}")).is_empty(),
         "no bwrap left for {id}"
     );
+    Ok(())
+}
+
+/// `btrfs subvolume show`'s "Parent UUID" and whether "Flags" says readonly:
+/// the CLI, not the host's own ioctls, is the judge here.
+fn lineage(path: &std::path::Path) -> Result<(String, bool)> {
+    let out = std::process::Command::new("btrfs")
+        .args(["subvolume", "show"])
+        .arg(path)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "btrfs subvolume show {}",
+        path.display()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    Ok((field("Parent UUID:"), field("Flags:") == "readonly"))
+}
+
+/// The uuid of a subvolume, by the CLI.
+fn uuid_of(path: &std::path::Path) -> Result<String> {
+    let out = std::process::Command::new("btrfs")
+        .args(["subvolume", "show"])
+        .arg(path)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("UUID:"))
+        .map(|v| v.trim().to_string())
+        .context("UUID in btrfs subvolume show")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spare_snapshots_make_roots_and_initial_snapshots_with_the_image_files() -> Result<()> {
+    let (_dir, host) = host_with("").await?;
+    let key = host.create_key().await?;
+    let spares = plugin_root(&host, "namespaces")?.join(".spares");
+    let count = |dir: &std::path::Path| std::fs::read_dir(dir).map_or(0, |d| d.count());
+    // The first create finds no spare and starts the pool (4 by default).
+    host.create_vm(&key, json!({"name": "warm", "runtime": "namespaces"}))
+        .await?;
+    let filled = wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
+        let n = count(&spares);
+        async move { Ok(n >= 4) }
+    })
+    .await?;
+    ensure!(filled, "the pool holds {} spares", count(&spares));
+
+    let vm = host
+        .create_vm(&key, json!({"name": "a", "runtime": "namespaces"}))
+        .await?;
+    let id = vm["id"].as_str().context("id")?.to_string();
+    let images = btrfs_path().join("runtimes/namespaces/images");
+    let (root_parent, root_ro) = lineage(&sandbox_root(&host, &id)?)?;
+    let initial = sandbox_dir(&host.host_id()?, &id).join("snapshots/initial");
+    let (initial_parent, initial_ro) = lineage(&initial)?;
+    let image = std::fs::read_dir(&images)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| uuid_of(p).is_ok_and(|u| u == root_parent))
+        .context("the root is a snapshot of one of the images")?;
+    ensure!(!root_ro && initial_ro, "root writable, initial read-only");
+    ensure!(
+        initial_parent == root_parent,
+        "initial is a snapshot of {} too",
+        image.display()
+    );
+    // Both moved out of the pool, which fills up again.
+    let refilled = wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
+        let n = count(&spares);
+        async move { Ok(n >= 4) }
+    })
+    .await?;
+    ensure!(refilled, "the pool holds {} spares", count(&spares));
+
+    // `initial` holds what the sandbox started with.
+    let before = host
+        .run_ok(&key, "a", "cat /etc/os-release | head -1; ls /root | wc -l")
+        .await?;
+    host.run_ok(&key, "a", "echo x > /root/x; rm /etc/os-release")
+        .await?;
+    host.restore(&key, "a", "initial").await?;
+    let after = host
+        .run_ok(&key, "a", "cat /etc/os-release | head -1; ls /root | wc -l")
+        .await?;
+    ensure!(
+        after == before,
+        "after restore {after:?}, before {before:?}"
+    );
+    // A fork of it is a namespaces sandbox with the same files.
+    host.create_vm(
+        &key,
+        json!({"name": "a-fork", "runtime": "namespaces", "from": {"vm": "a", "snapshot": "initial"}}),
+    )
+    .await?;
+    let files = host.run_ok(&key, "a-fork", "ls /root | wc -l").await?;
+    ensure!(before.ends_with(&files), "fork has {files:?} in /root");
+    for name in ["a-fork", "a", "warm"] {
+        host.delete(&key, name).await?;
+    }
     Ok(())
 }
 

@@ -16,6 +16,9 @@ pub const BTRFS_PATH_NAME_MAX: usize = 4087;
 pub const BTRFS_SUBVOL_NAME_MAX: usize = 4039;
 /// `BTRFS_SUBVOL_RDONLY`: subvolume flag for read-only snapshots.
 pub const BTRFS_SUBVOL_RDONLY: u64 = 1 << 1;
+/// `BTRFS_ROOT_SUBVOL_RDONLY`: the read-only bit of a root item's flags, as
+/// `BTRFS_IOC_GET_SUBVOL_INFO` reports them (not the ioctl flag above).
+pub const BTRFS_ROOT_SUBVOL_RDONLY: u64 = 1 << 0;
 /// `BTRFS_SUPER_MAGIC` from `linux/magic.h`: `statfs.f_type` of Btrfs.
 pub const BTRFS_SUPER_MAGIC: u32 = 0x9123_683E;
 /// `BTRFS_FIRST_FREE_OBJECTID`: inode number of every subvolume's root dir.
@@ -41,7 +44,41 @@ pub struct btrfs_ioctl_vol_args_v2 {
     pub name: [u8; BTRFS_SUBVOL_NAME_MAX + 1],
 }
 
+/// `struct btrfs_ioctl_timespec`.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+pub struct btrfs_ioctl_timespec {
+    pub sec: u64,
+    pub nsec: u32,
+}
+
+/// `struct btrfs_ioctl_get_subvol_info_args`: what the kernel tells about the
+/// subvolume an fd lies in.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+pub struct btrfs_ioctl_get_subvol_info_args {
+    pub treeid: u64,
+    pub name: [u8; 256],
+    pub parent_id: u64,
+    pub dirid: u64,
+    pub generation: u64,
+    pub flags: u64,
+    pub uuid: [u8; 16],
+    pub parent_uuid: [u8; 16],
+    pub received_uuid: [u8; 16],
+    pub ctransid: u64,
+    pub otransid: u64,
+    pub stransid: u64,
+    pub rtransid: u64,
+    pub ctime: btrfs_ioctl_timespec,
+    pub otime: btrfs_ioctl_timespec,
+    pub stime: btrfs_ioctl_timespec,
+    pub rtime: btrfs_ioctl_timespec,
+    pub reserved: [u64; 8],
+}
+
 const _: () = assert!(size_of::<btrfs_ioctl_vol_args>() == 4096);
+const _: () = assert!(size_of::<btrfs_ioctl_get_subvol_info_args>() == 504);
 const _: () = assert!(size_of::<btrfs_ioctl_vol_args_v2>() == 4096);
 
 #[cfg(any(
@@ -106,6 +143,9 @@ pub const BTRFS_IOC_SNAP_CREATE_V2: u32 = iow::<btrfs_ioctl_vol_args_v2>(BTRFS_I
 pub const BTRFS_IOC_SUBVOL_GETFLAGS: u32 = ior::<u64>(BTRFS_IOCTL_MAGIC, 25);
 /// `BTRFS_IOC_SUBVOL_SETFLAGS`.
 pub const BTRFS_IOC_SUBVOL_SETFLAGS: u32 = iow::<u64>(BTRFS_IOCTL_MAGIC, 26);
+/// `BTRFS_IOC_GET_SUBVOL_INFO`.
+pub const BTRFS_IOC_GET_SUBVOL_INFO: u32 =
+    ior::<btrfs_ioctl_get_subvol_info_args>(BTRFS_IOCTL_MAGIC, 60);
 
 impl btrfs_ioctl_vol_args {
     fn new(name: &[u8]) -> io::Result<Self> {
@@ -196,6 +236,33 @@ pub fn subvol_setflags(subvol: impl AsFd, flags: u64) -> io::Result<()> {
     ioctl(subvol, BTRFS_IOC_SUBVOL_SETFLAGS, &mut flags)
 }
 
+/// Reads what the kernel tells about the subvolume `fd` lies in.
+pub fn get_subvol_info(fd: impl AsFd) -> io::Result<btrfs_ioctl_get_subvol_info_args> {
+    let zero = || btrfs_ioctl_timespec { sec: 0, nsec: 0 };
+    let mut args = btrfs_ioctl_get_subvol_info_args {
+        treeid: 0,
+        name: [0; 256],
+        parent_id: 0,
+        dirid: 0,
+        generation: 0,
+        flags: 0,
+        uuid: [0; 16],
+        parent_uuid: [0; 16],
+        received_uuid: [0; 16],
+        ctransid: 0,
+        otransid: 0,
+        stransid: 0,
+        rtransid: 0,
+        ctime: zero(),
+        otime: zero(),
+        stime: zero(),
+        rtime: zero(),
+        reserved: [0; 8],
+    };
+    ioctl(fd, BTRFS_IOC_GET_SUBVOL_INFO, &mut args)?;
+    Ok(args)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +277,7 @@ mod tests {
         assert_eq!(BTRFS_IOC_SNAP_CREATE_V2, 0x5000_9417);
         assert_eq!(BTRFS_IOC_SUBVOL_GETFLAGS, 0x8008_9419);
         assert_eq!(BTRFS_IOC_SUBVOL_SETFLAGS, 0x4008_941a);
+        assert_eq!(BTRFS_IOC_GET_SUBVOL_INFO, 0x81f8_943c);
     }
 
     #[test]

@@ -99,6 +99,76 @@ pub fn snapshot(source: &Path, dest: &Path, readonly: bool) -> Result<()> {
     Ok(())
 }
 
+/// Who a subvolume is and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubvolumeInfo {
+    /// Unique on the filesystem and never reused: a rebuilt image has a new one.
+    pub uuid: [u8; 16],
+    /// The uuid of the subvolume this one is a snapshot of (zero for none).
+    pub parent_uuid: [u8; 16],
+    /// The transaction that last changed it.
+    pub ctransid: u64,
+    pub read_only: bool,
+}
+
+/// What the kernel tells about the subvolume root at `path`.
+pub fn subvolume_info(path: &Path) -> Result<SubvolumeInfo> {
+    let dir = open_subvolume(path)?;
+    let info = ioctl::get_subvol_info(&dir).map_err(io_err("reading subvolume info of", path))?;
+    Ok(SubvolumeInfo {
+        uuid: info.uuid,
+        parent_uuid: info.parent_uuid,
+        ctransid: info.ctransid,
+        read_only: info.flags & ioctl::BTRFS_ROOT_SUBVOL_RDONLY != 0,
+    })
+}
+
+/// Moves the subvolume at `from` to the new path `to` on the same
+/// filesystem, never over an existing entry. A rename, unlike a snapshot,
+/// does not commit a transaction: it costs what any rename costs. The kernel
+/// refuses (EROFS) to move a read-only one to another folder.
+pub fn rename_subvolume(from: &Path, to: &Path) -> Result<()> {
+    // Only subvolumes: a plain folder moved into place would pass for one.
+    open_subvolume(from)?;
+    let c = |path: &Path| {
+        CString::new(path.as_os_str().as_bytes()).map_err(|_| BtrfsError::InvalidName {
+            path: path.to_path_buf(),
+            reason: "the path contains a NUL byte",
+        })
+    };
+    let (old, new) = (c(from)?, c(to)?);
+    // SAFETY: both are NUL-terminated paths that live across the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            old.as_ptr(),
+            libc::AT_FDCWD,
+            new.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::AlreadyExists {
+            return Err(BtrfsError::AlreadyExists {
+                path: to.to_path_buf(),
+            });
+        }
+        return Err(io_err("moving subvolume to", to)(err));
+    }
+    tracing::debug!(from = %from.display(), to = %to.display(), "moved btrfs subvolume");
+    Ok(())
+}
+
+/// Makes the subvolume at `path` read-only (a transaction commit, but a
+/// small one: 2 ms here against 4-10 ms for a snapshot of an image).
+pub fn make_read_only(path: &Path) -> Result<()> {
+    let subvol = open_subvolume(path)?;
+    let flags = ioctl::subvol_getflags(&subvol).map_err(io_err("reading flags of", path))?;
+    ioctl::subvol_setflags(&subvol, flags | BTRFS_SUBVOL_RDONLY)
+        .map_err(io_err("making read-only", path))
+}
+
 /// Deletes the subvolume (or snapshot, read-only included) at `path`.
 pub fn delete_subvolume(path: &Path) -> Result<()> {
     let (parent, name) = open_parent(path, BTRFS_PATH_NAME_MAX)?;
@@ -353,24 +423,24 @@ fn create_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     }
 }
 
+/// A scratch folder on the real Btrfs filesystem, for tests here and in
+/// other modules that drive subvolumes.
 #[cfg(test)]
-mod tests {
+pub(crate) mod scratch {
     use super::*;
-    use std::collections::BTreeMap;
     use std::fs;
-    use std::process::Command;
 
     const DEFAULT_BTRFS_PATH: &str = "/var/lib/sandbox-btrfs";
 
     /// A unique folder under `<DOCKER_BTRFS_PATH>/opensandbox-test/`. Drop
-    /// deletes the subvolumes in it first, since read-only ones cannot be
-    /// emptied file by file.
-    struct Scratch {
-        dir: tempfile::TempDir,
+    /// deletes the subvolumes in it (and in its plain folders) first, since
+    /// read-only ones cannot be emptied file by file.
+    pub(crate) struct Scratch {
+        pub(crate) dir: tempfile::TempDir,
     }
 
     impl Scratch {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let base = std::env::var_os("DOCKER_BTRFS_PATH")
                 .map_or_else(|| PathBuf::from(DEFAULT_BTRFS_PATH), PathBuf::from);
             assert!(
@@ -385,31 +455,46 @@ mod tests {
             Self { dir }
         }
 
-        fn path(&self, name: &str) -> PathBuf {
+        pub(crate) fn path(&self, name: &str) -> PathBuf {
             self.dir.path().join(name)
         }
 
-        fn subvolume(&self, name: &str) -> PathBuf {
+        pub(crate) fn subvolume(&self, name: &str) -> PathBuf {
             let path = self.path(name);
             create_subvolume(&path).unwrap();
             path
         }
     }
 
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let Ok(entries) = fs::read_dir(self.dir.path()) else {
-                return;
-            };
-            for path in entries.flatten().map(|entry| entry.path()) {
-                if is_subvolume(&path).unwrap_or(false) {
-                    if let Err(e) = delete_subvolume(&path) {
-                        eprintln!("cleanup of {}: {e}", path.display());
-                    }
+    fn delete_subvolumes_in(dir: &Path) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for path in entries.flatten().map(|entry| entry.path()) {
+            if is_subvolume(&path).unwrap_or(false) {
+                if let Err(e) = delete_subvolume(&path) {
+                    eprintln!("cleanup of {}: {e}", path.display());
                 }
+            } else if path.is_dir() {
+                delete_subvolumes_in(&path);
             }
         }
     }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            delete_subvolumes_in(self.dir.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scratch::Scratch;
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::fs;
+    use std::process::Command;
 
     /// Every directory and file under `root`, with file contents.
     fn tree(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
@@ -531,6 +616,38 @@ mod tests {
         fs::write(vol.join("later"), "later").unwrap();
         assert_ne!(tree(&vol), before);
         assert_eq!(tree(&snap), before);
+    }
+
+    #[test]
+    fn info_tells_lineage_and_rename_moves_without_replacing() {
+        let scratch = Scratch::new();
+        let image = scratch.subvolume("image");
+        populate(&image);
+        let copy = scratch.path("copy");
+        snapshot(&image, &copy, true).unwrap();
+        let (image_info, copy_info) = (
+            subvolume_info(&image).unwrap(),
+            subvolume_info(&copy).unwrap(),
+        );
+        assert_eq!(copy_info.parent_uuid, image_info.uuid);
+        assert_ne!(copy_info.uuid, image_info.uuid);
+        assert!(copy_info.read_only && !image_info.read_only);
+
+        let moved = scratch.path("moved");
+        rename_subvolume(&copy, &moved).unwrap();
+        assert!(!copy.exists());
+        assert_eq!(subvolume_info(&moved).unwrap(), copy_info);
+        assert_eq!(tree(&moved), tree(&image));
+        // Never over an existing entry, and never a plain folder.
+        assert!(matches!(
+            rename_subvolume(&moved, &image),
+            Err(BtrfsError::AlreadyExists { .. })
+        ));
+        fs::create_dir(scratch.path("plain")).unwrap();
+        assert!(matches!(
+            rename_subvolume(&scratch.path("plain"), &scratch.path("elsewhere")),
+            Err(BtrfsError::NotSubvolume { .. })
+        ));
     }
 
     #[test]

@@ -25,6 +25,8 @@
 //! process = []                        # absolute paths of the programs it may start
 //! max_processes = 4096                # at most this many of its processes at once
 //! output_limit_bytes = 65536          # bound on each captured stdout/stderr
+//! spare_snapshots = 4                 # with btrfs: snapshots of each shared image made
+//!                                     # ahead (see capabilities::spares); 0: none
 //! ```
 
 use std::collections::BTreeMap;
@@ -109,7 +111,23 @@ pub struct Grants {
     /// Runtime plugins: bound on each captured stdout and stderr.
     #[serde(default = "default_output_limit")]
     pub output_limit_bytes: usize,
+    /// Runtime plugins with `btrfs`: snapshots of each shared image made
+    /// ahead of time, per kind, so that snapshotting an image is a rename
+    /// (see `capabilities::spares`).
+    #[serde(default = "default_spare_snapshots")]
+    pub spare_snapshots: usize,
 }
+
+fn default_spare_snapshots() -> usize {
+    // A create on the namespaces runtime takes two (its root and its
+    // `initial` snapshot); four covers a create arriving while the two
+    // taken by the one before are still being replaced.
+    4
+}
+
+/// More spares than this only cost disk metadata without making creates
+/// faster: each is replaced right after it is taken.
+const MAX_SPARE_SNAPSHOTS: usize = 64;
 
 fn default_max_processes() -> usize {
     4096
@@ -131,6 +149,7 @@ impl Default for Grants {
             process: Vec::new(),
             max_processes: default_max_processes(),
             output_limit_bytes: default_output_limit(),
+            spare_snapshots: default_spare_snapshots(),
         }
     }
 }
@@ -248,6 +267,11 @@ fn parse(text: &str, base: &Path) -> Result<Vec<PluginSpec>, String> {
                     "plugin {name:?}: grant {grant:?} is only for runtime plugins"
                 ));
             }
+        }
+        if plugin.grants.spare_snapshots > MAX_SPARE_SNAPSHOTS {
+            return Err(format!(
+                "plugin {name:?}: spare_snapshots is at most {MAX_SPARE_SNAPSHOTS}"
+            ));
         }
         for program in &plugin.grants.process {
             check_program(program).map_err(|e| format!("plugin {name:?}: process grant {e}"))?;

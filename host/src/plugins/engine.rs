@@ -118,6 +118,11 @@ fn config(pool_memory: Option<usize>) -> Config {
             .total_core_instances(2048)
             .total_memories(512)
             .total_tables(512)
+            // No fiber stacks: no call is async. The default reserves 1000
+            // stacks with a guard page each, 2000 mappings that every fork of
+            // the host then copies (3.5 ms per process a runtime plugin starts,
+            // measured; the sandbox's create waits for it).
+            .total_stacks(0)
             .max_memory_size(max_memory);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }

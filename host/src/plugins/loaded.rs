@@ -160,14 +160,32 @@ impl LoadedPlugin {
                 CallJournal::default(),
             );
         };
+        let began = std::time::Instant::now();
         let mut store = match self.store() {
             Ok(store) => store,
             Err(e) => return (Err(e), CallJournal::default()),
         };
-        let result = pre
-            .instantiate(&mut store)
-            .and_then(|plugin| call(&mut store, plugin.opensandbox_plugin_driver()))
-            .map_err(trap);
+        let result = pre.instantiate(&mut store).and_then(|plugin| {
+            let ready = began.elapsed();
+            let answer = call(&mut store, plugin.opensandbox_plugin_driver());
+            let data = store.data();
+            let host = data
+                .runtime
+                .as_ref()
+                .map(|c| c.host_time)
+                .unwrap_or_default();
+            // Where a driver call's time goes: making its instance, the
+            // plugin's own code, the host's capabilities.
+            tracing::debug!(
+                plugin = %self.name,
+                instantiate_ms = ready.as_secs_f64() * 1000.0,
+                total_ms = began.elapsed().as_secs_f64() * 1000.0,
+                capabilities_ms = host.as_secs_f64() * 1000.0,
+                "driver call"
+            );
+            answer
+        });
+        let result = result.map_err(trap);
         let journal = store.data_mut().take_journal();
         (result, journal)
     }

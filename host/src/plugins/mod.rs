@@ -344,6 +344,7 @@ fn runtime_capabilities(
             BtrfsRoot::open(
                 dirs.btrfs_own.join(&spec.name),
                 dirs.btrfs_shared.join(&spec.name),
+                spec.grants.spare_snapshots,
             )
             .map_err(|e| {
                 grant_err(format!(

@@ -349,6 +349,7 @@ impl Runtime for DockerRuntime {
         Ok(Instance {
             id: created.id,
             rootfs,
+            copy_of_image: None,
         })
     }
 

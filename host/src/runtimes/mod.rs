@@ -9,7 +9,7 @@ pub mod plugin;
 pub(crate) mod process_tree;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +65,10 @@ pub struct Instance {
     pub id: String,
     /// The writable root filesystem: a Btrfs subvolume, replaced on restore.
     pub rootfs: PathBuf,
+    /// The shared image this root is an untouched copy of, when the runtime
+    /// knows it is: until the instance first starts, a snapshot of the image
+    /// is a snapshot of the root (see [`Runtime::snapshot_image`]).
+    pub copy_of_image: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +136,12 @@ pub trait Runtime: Send + Sync {
     async fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecOutcome>;
     /// Every instance this host created, including half-made ones.
     async fn list_managed(&self) -> Result<Vec<ManagedInstance>>;
+    /// Puts a read-only snapshot of `image` (an [`Instance::copy_of_image`])
+    /// at `dest` if the runtime has one ready for less than a snapshot costs;
+    /// `false` when not, and then the caller snapshots the root itself.
+    async fn snapshot_image(&self, _image: &Path, _dest: &Path) -> bool {
+        false
+    }
 }
 
 /// Every runtime this host offers, by name, and the one used when neither

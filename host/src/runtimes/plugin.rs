@@ -7,6 +7,7 @@
 //! is undone from the call's journal (its subvolumes and processes), so a
 //! broken plugin leaves nothing behind.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -194,6 +195,9 @@ impl PluginRuntime {
         Ok(Instance {
             id: instance.id.clone(),
             rootfs,
+            copy_of_image: journal
+                .pristine_copy_of(&instance.root_subvolume)
+                .map(Path::to_path_buf),
         })
     }
 }
@@ -311,6 +315,20 @@ impl Runtime for PluginRuntime {
             "runtime {:?} has no exec of its own; commands run through the sandbox's agent (omit \"via\")",
             self.name
         )))
+    }
+
+    /// A read-only spare of the image (see `capabilities::spares`).
+    async fn snapshot_image(&self, image: &Path, dest: &Path) -> bool {
+        let plugin = Arc::clone(&self.plugin);
+        let (image, dest) = (image.to_path_buf(), dest.to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            plugin
+                .capabilities()
+                .and_then(|caps| caps.btrfs().ok())
+                .is_some_and(|btrfs| btrfs.spares().take(&image, true, &dest))
+        })
+        .await
+        .unwrap_or(false)
     }
 
     async fn list_managed(&self) -> Result<Vec<ManagedInstance>> {

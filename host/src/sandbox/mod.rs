@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 use uuid::Uuid;
 
 use crate::agent::{pb, AgentError, Agents};
@@ -360,6 +360,7 @@ impl Sandboxes {
     /// `initial` snapshot (unless the origin brings one) and starts it.
     async fn build(&self, sandbox: &Sandbox, origin: RootOrigin<'_>) -> Result<()> {
         let runtime = self.runtime_of(sandbox)?;
+        let began = Instant::now();
         let socket_dir = self.agents.prepare(sandbox.id).await?;
         let instance = runtime
             .create(&InstanceSpec {
@@ -380,10 +381,15 @@ impl Sandboxes {
         self.store
             .set_instance(sandbox.id, &instance.id, &instance.rootfs)
             .await?;
+        let created = began.elapsed();
         tokio::fs::create_dir_all(self.paths.snapshots_dir(sandbox.id)).await?;
         let mut has_initial = false;
+        // Until it starts, a root that is an untouched copy of an image is
+        // that image: `initial` may come from a snapshot of the image made
+        // ahead of time (a rename) instead of one of the root (a commit).
+        let mut copy_of_image = None;
         match origin {
-            RootOrigin::Image => {}
+            RootOrigin::Image => copy_of_image = instance.copy_of_image.as_deref(),
             RootOrigin::Fork { source, snapshot } => {
                 // Hold the source's lock so its snapshot cannot vanish mid-copy.
                 let _src_guard = self.locks.lock(source.id).await;
@@ -408,24 +414,46 @@ impl Sandboxes {
             }
         }
         mount_points::secure_async(&instance.rootfs).await?;
+        let prepared = began.elapsed();
         // The `initial` snapshot is taken while the instance starts: nothing
         // in a sandbox writes to its root before this call returns (its only
         // process is the agent, which writes to its socket folder), and the
         // snapshot is a few milliseconds of the create path.
         let initial = async {
-            if !has_initial {
+            let dest = self.paths.snapshot(sandbox.id, INITIAL_SNAPSHOT);
+            let ready_made = match copy_of_image {
+                Some(image) => runtime.snapshot_image(image, &dest).await,
+                None => false,
+            };
+            if ready_made {
+                self.record_snapshot(sandbox.id, INITIAL_SNAPSHOT, dest)
+                    .await?;
+            } else if !has_initial {
                 self.take_snapshot(sandbox.id, &instance.rootfs, INITIAL_SNAPSHOT)
                     .await?;
             }
-            Ok::<_, SandboxError>(())
+            Ok::<_, SandboxError>((began.elapsed(), ready_made))
         };
         let started = async {
             runtime.start(&instance.id).await?;
-            self.wait_started(sandbox, runtime, &instance.id).await
+            let started = began.elapsed();
+            self.wait_started(sandbox, runtime, &instance.id).await?;
+            Ok::<_, SandboxError>((started, began.elapsed()))
         };
         let (initial, started) = tokio::join!(initial, started);
-        initial?;
-        started?;
+        let ((initial, ready_made), (started, answered)) = (initial?, started?);
+        // Where a create's time goes, for whoever tunes it.
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        debug!(
+            id = %sandbox.id,
+            created_ms = ms(created),
+            prepared_ms = ms(prepared),
+            started_ms = ms(started),
+            agent_ms = ms(answered),
+            initial_ms = ms(initial),
+            initial_ready_made = ready_made,
+            "sandbox built"
+        );
         self.store
             .set_state(sandbox.id, SandboxState::Running, None)
             .await?;
@@ -576,6 +604,12 @@ impl Sandboxes {
     async fn take_snapshot(&self, sandbox: Uuid, rootfs: &Path, name: &str) -> Result<Snapshot> {
         let dest = self.paths.snapshot(sandbox, name);
         btrfs::snapshot_async(rootfs.to_path_buf(), dest.clone(), true).await?;
+        self.record_snapshot(sandbox, name, dest).await
+    }
+
+    /// The row of a snapshot subvolume made at `dest`; without a row, the
+    /// subvolume is deleted again.
+    async fn record_snapshot(&self, sandbox: Uuid, name: &str, dest: PathBuf) -> Result<Snapshot> {
         match self.store.insert_snapshot(sandbox, name).await {
             Ok(snapshot) => Ok(snapshot),
             Err(err) => {

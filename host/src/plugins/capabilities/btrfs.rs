@@ -12,7 +12,9 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use super::spares::Spares;
 use super::CapabilityError;
 use crate::btrfs::{self, BtrfsError};
 
@@ -23,6 +25,9 @@ const SUBVOLUME_ROOT_INODE: u64 = 256;
 
 /// The first segment of the shared, read-only image names.
 const SHARED_PREFIX: &str = "images";
+/// The folder of spare snapshots inside the plugin's own root: a name with a
+/// leading `.` is not one a plugin can say.
+const SPARES_DIR: &str = ".spares";
 
 /// One plugin's Btrfs roots.
 #[derive(Debug, Clone)]
@@ -31,11 +36,14 @@ pub struct BtrfsRoot {
     own: PathBuf,
     /// The machine's folder of the plugin, whose `images/` is shared.
     shared: PathBuf,
+    /// Snapshots of the shared images made ahead of time.
+    spares: Arc<Spares>,
 }
 
 impl BtrfsRoot {
     /// Creates the plugin's own folder if needed; both must be on Btrfs.
-    pub fn open(own: PathBuf, shared: PathBuf) -> Result<Self, String> {
+    /// `spares` snapshots of each shared image are kept ready per kind.
+    pub fn open(own: PathBuf, shared: PathBuf, spares: usize) -> Result<Self, String> {
         for dir in [&own, &shared] {
             fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             match btrfs::is_btrfs(dir) {
@@ -44,7 +52,23 @@ impl BtrfsRoot {
                 Err(e) => return Err(e.to_string()),
             }
         }
-        Ok(Self { own, shared })
+        let spares = Spares::open(own.join(SPARES_DIR), spares)?;
+        Ok(Self {
+            own,
+            shared,
+            spares,
+        })
+    }
+
+    /// The spare snapshots of the shared images.
+    pub fn spares(&self) -> &Arc<Spares> {
+        &self.spares
+    }
+
+    /// Whether `name` is one of the shared images (which never change while
+    /// they are read-only).
+    pub fn is_shared_image(&self, name: &str) -> bool {
+        parse_name(name).is_ok_and(|segments| !self.base(&segments).1)
     }
 
     /// The folder a name lives under, and whether it may be changed.
@@ -135,6 +159,9 @@ impl BtrfsRoot {
         let to = self.resolve(target, true)?;
         if fs::symlink_metadata(&to).is_ok() {
             return Err(CapabilityError::Exists(target.to_string()));
+        }
+        if self.is_shared_image(source) && self.spares.take(&from, read_only, &to) {
+            return Ok(to);
         }
         btrfs::snapshot(&from, &to, read_only).map_err(from_btrfs)?;
         Ok(to)

@@ -10,10 +10,11 @@
 pub mod btrfs;
 pub mod cgroups;
 pub mod process;
+pub mod spares;
 pub mod userns;
 mod wit_host;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,6 +49,23 @@ pub struct RuntimeCapabilities {
 pub struct CallJournal {
     pub subvolumes: Vec<String>,
     pub processes: Vec<String>,
+    /// Writable subvolumes this call made as snapshots of a shared image
+    /// (name, image host path), still untouched by this call since.
+    pub image_copies: Vec<(String, PathBuf)>,
+}
+
+impl CallJournal {
+    /// The image `subvolume` is an untouched copy of, when this call made it
+    /// so and started no process that could have written to it.
+    pub fn pristine_copy_of(&self, subvolume: &str) -> Option<&Path> {
+        if !self.processes.is_empty() {
+            return None;
+        }
+        self.image_copies
+            .iter()
+            .find(|(name, _)| name == subvolume)
+            .map(|(_, image)| image.as_path())
+    }
 }
 
 /// The runtime part of a call's store data.

@@ -206,6 +206,7 @@ impl ProcessTable {
             )));
         }
         check_args(args, &options.env)?;
+        let began = Instant::now();
         // Ended processes count until released: each holds a ledger file, maybe
         // a cgroup and captured output.
         let known = self.lock().len();
@@ -266,7 +267,7 @@ impl ProcessTable {
                 "cannot record the process in the host's ledger: {e}"
             )));
         }
-        debug!(plugin = %self.plugin, id, program, "process started");
+        debug!(plugin = %self.plugin, id, program, spawn_ms = began.elapsed().as_secs_f64() * 1000.0, "process started");
         self.lock().insert(
             id.clone(),
             Entry {

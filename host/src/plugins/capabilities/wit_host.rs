@@ -70,14 +70,24 @@ impl wit_btrfs::Host for PluginState {
 
     fn snapshot(&mut self, source: String, target: String, read_only: bool) -> WitResult<()> {
         self.with_call(|call| {
-            call.caps.btrfs()?.snapshot(&source, &target, read_only)?;
+            let btrfs = call.caps.btrfs()?;
+            btrfs.snapshot(&source, &target, read_only)?;
+            if !read_only && btrfs.is_shared_image(&source) {
+                let image = btrfs.host_path(&source)?;
+                call.journal.image_copies.push((target.clone(), image));
+            }
             call.journal.subvolumes.push(target);
             Ok(())
         })
     }
 
     fn delete_subvolume(&mut self, name: String) -> WitResult<()> {
-        self.with_call(|call| call.caps.btrfs()?.delete(&name))
+        self.with_call(|call| {
+            call.caps.btrfs()?.delete(&name)?;
+            // Whatever is made under that name next is another subvolume.
+            call.journal.image_copies.retain(|(copy, _)| copy != &name);
+            Ok(())
+        })
     }
 
     fn list_subvolumes(&mut self) -> WitResult<Vec<String>> {
