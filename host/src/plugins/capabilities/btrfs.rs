@@ -42,7 +42,7 @@ pub struct BtrfsRoot {
 
 impl BtrfsRoot {
     /// Creates the plugin's own folder if needed; both must be on Btrfs.
-    /// `spares` snapshots of each shared image are kept ready per kind.
+    /// `spares` snapshots of each shared image are kept ready (see [`Spares`]).
     pub fn open(own: PathBuf, shared: PathBuf, spares: usize) -> Result<Self, String> {
         for dir in [&own, &shared] {
             fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
