@@ -456,8 +456,12 @@ async fn imports_pass_the_policy_chain_as_creates_do() -> Result<()> {
     std::fs::write(
         &plugins,
         format!(
+            // A generous deadline: this suite runs two hosts' exports at once on
+            // two cores, and the policy's 20 ms default was once exceeded by its
+            // start-up check (the host then refuses to start); timing is not what
+            // this test is about.
             "[[plugin]]\nname = \"policy\"\nkind = \"policy\"\nfile = \"{}\"\n\
-             [plugin.config]\n\"cap.docker\" = 1\n",
+             timeout_ms = 2000\n[plugin.config]\n\"cap.docker\" = 1\n",
             plugin_wasm("default-policy").display()
         ),
     )?;
