@@ -177,9 +177,9 @@ async fn namespaces_runtime_runs_snapshots_restores_and_forks() -> Result<()> {
     Ok(())
 }
 
-/// `btrfs subvolume show`'s "Parent UUID" and whether "Flags" says readonly:
-/// the CLI, not the host's own ioctls, is the judge here.
-fn lineage(path: &std::path::Path) -> Result<(String, bool)> {
+/// One field of `btrfs subvolume show` (the CLI, not the host's own ioctls,
+/// is the judge here), e.g. "UUID:" or "Parent UUID:".
+fn subvolume_field(path: &std::path::Path, field: &str) -> Result<String> {
     let out = std::process::Command::new("btrfs")
         .args(["subvolume", "show"])
         .arg(path)
@@ -190,26 +190,30 @@ fn lineage(path: &std::path::Path) -> Result<(String, bool)> {
         path.display()
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(name))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    Ok((field("Parent UUID:"), field("Flags:") == "readonly"))
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(field))
+        .map(|v| v.trim().to_string())
+        .with_context(|| format!("{field} in btrfs subvolume show {}", path.display()))
 }
 
-/// The uuid of a subvolume, by the CLI.
-fn uuid_of(path: &std::path::Path) -> Result<String> {
-    let out = std::process::Command::new("btrfs")
-        .args(["subvolume", "show"])
-        .arg(path)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("UUID:"))
-        .map(|v| v.trim().to_string())
-        .context("UUID in btrfs subvolume show")
+/// A subvolume's parent uuid and whether it is read-only.
+fn lineage(path: &std::path::Path) -> Result<(String, bool)> {
+    Ok((
+        subvolume_field(path, "Parent UUID:")?,
+        subvolume_field(path, "Flags:")? == "readonly",
+    ))
+}
+
+/// Waits until the plugin's pool holds `want` spares.
+async fn pool_holds(spares: &std::path::Path, want: usize) -> Result<()> {
+    let count = || std::fs::read_dir(spares).map_or(0, |d| d.count());
+    let full = wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
+        let n = count();
+        async move { Ok(n >= want) }
+    })
+    .await?;
+    ensure!(full, "the pool holds {} spares, not {want}", count());
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -217,16 +221,10 @@ async fn spare_snapshots_make_roots_and_initial_snapshots_with_the_image_files()
     let (_dir, host) = host_with("").await?;
     let key = host.create_key().await?;
     let spares = plugin_root(&host, "namespaces")?.join(".spares");
-    let count = |dir: &std::path::Path| std::fs::read_dir(dir).map_or(0, |d| d.count());
     // The first create finds no spare and starts the pool (4 by default).
     host.create_vm(&key, json!({"name": "warm", "runtime": "namespaces"}))
         .await?;
-    let filled = wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
-        let n = count(&spares);
-        async move { Ok(n >= 4) }
-    })
-    .await?;
-    ensure!(filled, "the pool holds {} spares", count(&spares));
+    pool_holds(&spares, 4).await?;
 
     let vm = host
         .create_vm(&key, json!({"name": "a", "runtime": "namespaces"}))
@@ -239,7 +237,7 @@ async fn spare_snapshots_make_roots_and_initial_snapshots_with_the_image_files()
     let image = std::fs::read_dir(&images)?
         .flatten()
         .map(|e| e.path())
-        .find(|p| uuid_of(p).is_ok_and(|u| u == root_parent))
+        .find(|p| subvolume_field(p, "UUID:").is_ok_and(|u| u == root_parent))
         .context("the root is a snapshot of one of the images")?;
     ensure!(!root_ro && initial_ro, "root writable, initial read-only");
     ensure!(
@@ -248,12 +246,7 @@ async fn spare_snapshots_make_roots_and_initial_snapshots_with_the_image_files()
         image.display()
     );
     // Both moved out of the pool, which fills up again.
-    let refilled = wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
-        let n = count(&spares);
-        async move { Ok(n >= 4) }
-    })
-    .await?;
-    ensure!(refilled, "the pool holds {} spares", count(&spares));
+    pool_holds(&spares, 4).await?;
 
     // `initial` holds what the sandbox started with.
     let before = host
